@@ -1,0 +1,119 @@
+"""Typed, nested configuration of a vision-language model: one small dataclass per component.
+
+A ``ModelConfig`` is everything needed to rebuild a model's architecture (without weights); it is written as
+``config.json`` into every checkpoint, and ``ModelConfig.from_dict`` is its exact inverse.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from vlmlab.errors import ConfigError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class VisionConfig:
+    """A vision tower chosen by name from ``vlmlab.models.encoders.ENCODERS``."""
+
+    name: str
+    """Registry name: ``clip``, ``siglip``, ``convnet``, ``efficientnet-lite0``."""
+    image_size: int = 224
+    """Side of the square image the tower sees, in pixels."""
+    select_layer: int = -2
+    """Which hidden state to return (``hidden_states[select_layer]``); LLaVA uses the penultimate layer."""
+    select_feature: str = "patch"
+    """``patch`` drops the CLS token, ``cls_patch`` keeps it (towers without CLS ignore this)."""
+    params: dict[str, Any] = field(default_factory=dict)
+    """Architecture numbers passed to the tower's builder (e.g. a transformers vision config's fields)."""
+    pretrained: str | None = None
+    """Where real weights come from (a directory, or a name the tower knows); ``None`` = random init."""
+
+
+@dataclass
+class ConnectorConfig:
+    """A connector chosen by name from ``vlmlab.models.connectors.CONNECTORS``."""
+
+    name: str = "mlp2x_gelu"
+    params: dict[str, Any] = field(default_factory=dict)
+    """Extra constructor arguments (``in_dim`` / ``out_dim`` are filled in from the tower and the LM)."""
+
+
+@dataclass
+class LanguageConfig:
+    """Any transformers causal decoder (Llama, Qwen2, Mistral, SmolLM2...)."""
+
+    model_type: str = "llama"
+    """transformers ``model_type`` used to rebuild the architecture from ``params``."""
+    params: dict[str, Any] = field(default_factory=dict)
+    """The transformers config's fields (``hidden_size``, ``num_hidden_layers``, ``vocab_size`` ...)."""
+    pretrained: str | None = None
+    """Where real weights come from (a transformers directory, or a name the loader knows)."""
+
+
+@dataclass
+class ProcessorConfig:
+    """How images and conversations become tensors; shared by training, evaluation and serving."""
+
+    image_size: int = 224
+    image_mean: tuple[float, float, float] = CLIP_MEAN
+    image_std: tuple[float, float, float] = CLIP_STD
+    pad_to_square: bool = False
+    """LLaVA-1.5 ``expand2square``: pad to a square with the mean colour before resizing."""
+    image_token: str = "<image>"
+    """Placeholder written in prompts; expanded to one token per visual feature row."""
+    max_length: int = 2048
+    """Longest tokenised sample; longer ones are truncated (never through an image) or rejected."""
+    max_image_pixels: int = 50_000_000
+    """Images with more pixels than this (read from the header, before decoding) are rejected."""
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig
+    language: LanguageConfig
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    processor: ProcessorConfig = field(default_factory=ProcessorConfig)
+    preset: str | None = None
+    """The preset this config came from (informational)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        return from_dict(cls, d, "config")
+
+
+def from_dict(cls: type, d: Any, where: str) -> Any:
+    """Build a (nested) dataclass from a plain dict, naming the offending field on bad input."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: expected an object, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {unknown}; valid: {sorted(fields)}")
+    kwargs = {}
+    for name, value in d.items():
+        sub = _DATACLASS_FIELDS.get((cls, name))
+        if sub is not None:
+            value = from_dict(sub, value, f"{where}.{name}")
+        elif isinstance(value, list) and name in ("image_mean", "image_std"):
+            value = tuple(value)
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+_DATACLASS_FIELDS = {
+    (ModelConfig, "vision"): VisionConfig,
+    (ModelConfig, "language"): LanguageConfig,
+    (ModelConfig, "connector"): ConnectorConfig,
+    (ModelConfig, "processor"): ProcessorConfig,
+}
