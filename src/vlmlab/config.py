@@ -78,6 +78,8 @@ class ModelConfig:
     language: LanguageConfig
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     processor: ProcessorConfig = field(default_factory=ProcessorConfig)
+    image_token_id: int = -1
+    """Token id of the image placeholder in the tokenizer (set when the model is built with its tokenizer)."""
     preset: str | None = None
     """The preset this config came from (informational)."""
 

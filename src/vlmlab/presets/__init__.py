@@ -1,0 +1,15 @@
+"""Presets: one plain builder function per system, name -> ``Preset`` (architecture, tokenizer, recipe).
+
+Add one: a function in a file of this folder that returns a ``Preset``, and one line below.
+"""
+
+from vlmlab.presets.base import Preset
+from vlmlab.presets.nano import nano
+from vlmlab.presets.tiny import tiny
+from vlmlab.registry import Registry
+
+PRESETS = Registry("preset")
+PRESETS["tiny"] = tiny
+PRESETS["nano"] = nano
+
+__all__ = ["PRESETS", "Preset"]

@@ -1,9 +1,16 @@
 """Vision towers: ``[B, 3, H, W] -> [B, N_vis, D_vis]``, chosen by name from ``ENCODERS``.
 
-[Contract] A tower is an ``nn.Module`` with ``hidden_size`` (D_vis), ``num_tokens`` (N_vis at its
-configured image size) and ``forward(pixel_values) -> features``. Builders take a ``VisionConfig``.
+[Contract] A tower is an ``nn.Module`` built as ``Tower(config: VisionConfig)`` with ``hidden_size`` (D_vis),
+``num_tokens`` (N_vis at ``config.image_size``) and ``forward(pixel_values) -> features``.
 """
 
+from vlmlab.models.encoders.convnet import ConvNetTower
+from vlmlab.models.encoders.efficientnet import EfficientNetTower
+from vlmlab.models.encoders.hf_vit import CLIPTower, SiglipTower
 from vlmlab.registry import Registry
 
 ENCODERS = Registry("vision encoder")
+ENCODERS["clip"] = CLIPTower
+ENCODERS["siglip"] = SiglipTower
+ENCODERS["convnet"] = ConvNetTower
+ENCODERS["efficientnet-lite0"] = EfficientNetTower

@@ -1,0 +1,32 @@
+"""The public entry points: build a model from a preset, save it, load it back with one call."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from vlmlab.models.vlm import VisionLanguageModel
+from vlmlab.presets import PRESETS, Preset
+from vlmlab.processing.processor import Processor
+
+
+def build(preset: str | Preset, load_pretrained: bool = True) -> tuple[VisionLanguageModel, Processor]:
+    """A fresh model and its processor from a preset name (see ``vlmlab presets``) or a ``Preset``."""
+    p = PRESETS[preset]() if isinstance(preset, str) else preset
+    tokenizer = p.make_tokenizer()
+    config = dataclasses.replace(p.config, image_token_id=tokenizer.convert_tokens_to_ids(p.config.processor.image_token))
+    model = VisionLanguageModel(config, load_pretrained=load_pretrained)
+    return model, Processor(tokenizer, config.processor, model.num_image_tokens)
+
+
+def save(model: VisionLanguageModel, processor: Processor, path: str | os.PathLike) -> None:
+    """A self-contained model directory: config, weights, tokenizer and processor settings."""
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+
+
+def load(path: str | os.PathLike) -> tuple[VisionLanguageModel, Processor]:
+    """Load a model directory or a training checkpoint (both hold the same files)."""
+    path = Path(path)
+    return VisionLanguageModel.from_pretrained(path), Processor.from_pretrained(path)

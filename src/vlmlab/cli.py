@@ -1,0 +1,179 @@
+"""The ``vlmlab`` command: thin subcommands that parse arguments and call the library.
+
+Bad input (a missing file, a corrupt image, an unknown preset ...) is printed as one line naming the problem,
+with exit status 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+log = logging.getLogger("vlmlab")
+
+
+def _positive_int(s: str) -> int:
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def cmd_presets(args: argparse.Namespace) -> None:
+    from vlmlab.presets import PRESETS
+
+    for name in sorted(PRESETS):
+        p = PRESETS[name]()
+        stages = ", ".join(f"{s.name}({'+'.join(s.train)}, {s.steps} steps)" for s in p.recipe)
+        print(f"{name:<8} {p.description}\n         recipe: {stages}")
+
+
+def cmd_world(args: argparse.Namespace) -> None:
+    from vlmlab.data.world import build_world
+
+    summary = build_world(args.out, seed=args.seed, n_per_task={"train": args.train, "val": args.val,
+                                                                "test": args.test})
+    print(f"world written to {args.out}: {summary.get('counts', summary)}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from vlmlab.api import build
+    from vlmlab.presets import PRESETS
+    from vlmlab.training.trainer import TrainOptions, Trainer
+
+    preset = PRESETS[args.preset]()
+    stages = preset.recipe
+    if args.stages:
+        by_name = {s.name: s for s in stages}
+        from vlmlab.errors import ConfigError
+
+        unknown = [n for n in args.stages if n not in by_name]
+        if unknown:
+            raise ConfigError(f"--stages: unknown stage(s) {unknown}; preset {args.preset!r} has {list(by_name)}")
+        stages = [by_name[n] for n in args.stages]
+    if args.steps:
+        import dataclasses
+
+        stages = [dataclasses.replace(s, steps=args.steps) for s in stages]
+    model, processor = build(preset)
+    trainer = Trainer(model, processor, stages, TrainOptions(
+        run_dir=Path(args.run_dir), data_root=Path(args.data), seed=args.seed, bf16=args.bf16,
+        save_every=args.save_every, progress=not args.no_progress))
+    result = trainer.fit(resume=args.resume)
+    print(f"trained: {result['global_step']} steps; checkpoints in {Path(args.run_dir) / 'checkpoints'}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from vlmlab.api import load
+    from vlmlab.data.dataset import load_stage_records
+    from vlmlab.evaluation.evaluate import evaluate, markdown_table, write_results
+
+    model, processor = load(args.checkpoint)
+    records = load_stage_records([args.split_file], args.data, None)
+    if args.limit:
+        records = records[: args.limit]
+    result, rows = evaluate(model, processor, records, blind_baseline=not args.no_blind)
+    out = Path(args.out or args.checkpoint)
+    write_results(result, rows, out)
+    print(markdown_table(result), end="")
+    print(f"results: {out / 'eval.json'}")
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from vlmlab.api import load
+    from vlmlab.inference.chat import answer
+
+    model, processor = load(args.checkpoint)
+    print(answer(model, processor, args.question, images=args.image or [], max_new_tokens=args.max_new_tokens,
+                 temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop=args.stop or ()))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from vlmlab.demo import run_demo
+
+    run_demo(Path(args.run_dir), Path(args.world), seed=args.seed, progress=not args.no_progress)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vlmlab", description="Build, train, evaluate and serve vision-language models.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("presets", help="list the presets and their training recipes")
+    s.set_defaults(fn=cmd_presets)
+
+    s = sub.add_parser("world", help="write the embedded synthetic world (LLaVA JSON + PNG images)")
+    s.add_argument("--out", default="world", help="output directory (default: world)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--train", type=_positive_int, default=2000, help="train records per task")
+    s.add_argument("--val", type=_positive_int, default=100, help="val records per task")
+    s.add_argument("--test", type=_positive_int, default=200, help="test records per task")
+    s.set_defaults(fn=cmd_world)
+
+    s = sub.add_parser("train", help="train a preset through its staged recipe")
+    s.add_argument("--preset", default="tiny")
+    s.add_argument("--data", required=True, help="data root: the stages' data files are relative to it")
+    s.add_argument("--run-dir", required=True)
+    s.add_argument("--stages", nargs="+", help="run only these stages of the recipe, in this order")
+    s.add_argument("--steps", type=_positive_int, help="override every stage's number of steps")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    s.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: end of each stage)")
+    s.add_argument("--resume", action="store_true", help="continue exactly from the newest complete checkpoint")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("eval", help="accuracy per task with the blind (blank-image) baseline")
+    s.add_argument("--checkpoint", required=True, help="a model directory or training checkpoint")
+    s.add_argument("--data", default=None, help="data root (split file is relative to it)")
+    s.add_argument("--split-file", default="test.json", help="records to score (default: test.json)")
+    s.add_argument("--out", help="where to write eval.json / eval.md (default: the checkpoint directory)")
+    s.add_argument("--limit", type=int, default=0, help="score only the first N records")
+    s.add_argument("--no-blind", action="store_true", help="skip the blind baseline")
+    s.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("chat", help="answer one question about images from the command line")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--image", action="append", help="an image file (repeat for several)")
+    s.add_argument("question")
+    s.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--stop", action="append", help="stop string (repeat for several)")
+    s.set_defaults(fn=cmd_chat)
+
+    s = sub.add_parser("demo", help="build the world, train tiny through both stages, evaluate, answer")
+    s.add_argument("--run-dir", default="runs/demo")
+    s.add_argument("--world", default="runs/world")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vlmlab.errors import VlmlabError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    try:
+        args.fn(args)
+    except VlmlabError as e:
+        if args.verbose:
+            raise
+        print(f"vlmlab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vlmlab: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

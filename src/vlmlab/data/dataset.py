@@ -1,0 +1,53 @@
+"""Records on disk -> processed training samples, with bad samples skipped into a quarantine list.
+
+The processor is the same object the model serves with, so training and inference tensors are identical by
+construction. Token ids are cached per record (rendering the chat template is the costly part); images are
+decoded on every use so memory stays bounded for large datasets.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from vlmlab.data.formats import Record, load_records
+from vlmlab.errors import DataError
+from vlmlab.processing.processor import Processor
+
+
+def load_stage_records(
+    files: Sequence[str | os.PathLike], root: str | os.PathLike | None, tasks: Sequence[str] | None
+) -> list[Record]:
+    """Records of every file (relative to ``root``), keeping only ``tasks`` when given."""
+    out: list[Record] = []
+    for f in files:
+        path = Path(f) if root is None or Path(f).is_absolute() else Path(root) / f
+        out += load_records(path)
+    if tasks is not None:
+        out = [r for r in out if r.task in tasks]
+    return out
+
+
+class SupervisedDataset:
+    """``dataset[i]`` -> encoded sample dict, or raises ``DataError`` naming the record and the problem."""
+
+    def __init__(self, records: list[Record], processor: Processor):
+        self.records = records
+        self.processor = processor
+        self._text_cache: dict[int, dict] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        rec = self.records[i]
+        try:
+            text = self._text_cache.get(i)
+            if text is None:
+                text = self.processor.encode_text(rec.messages, len(rec.images), train=True)
+                self._text_cache[i] = text
+            pixel_values = self.processor.encode_images(rec.images)
+        except DataError as e:
+            raise DataError(f"{rec.source or rec.id}: {e}") from None
+        return {**text, "pixel_values": pixel_values, "id": rec.id}

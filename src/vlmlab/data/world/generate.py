@@ -1,0 +1,189 @@
+"""Writing the synthetic world to disk: seeded, balanced, split-disjoint LLaVA JSON files plus PNG images.
+
+Layout of ``out_dir``::
+
+    images/<split>/<id>.png      one image per record, e.g. images/train/train-colour-000012.png
+    <split>.json                 LLaVA records: {"id", "image" (relative to out_dir), "conversations", "task"}
+    world.json                   the settings and counts; written last, so it exists only for a complete build
+
+Determinism: every (seed, split, task) has its own ``random.Random`` derived by hashing, and PNGs carry no
+timestamp, so equal settings give byte-identical files. Splits are generated test -> val -> train and a scene whose
+canonical signature (``Scene.signature``) was already used anywhere is rejected, so no image repeats across splits,
+and the test set does not change when only the train size does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+from vlmlab.data.formats import write_json_atomic, write_llava_json
+from vlmlab.data.world.scenes import render
+from vlmlab.data.world.tasks import CAPTION, TASK_SPECS, TASKS, Sample
+from vlmlab.errors import ConfigError
+
+WORLD_VERSION = (
+    1  # bump when generation changes, so an old world.json no longer matches and the world is rebuilt
+)
+SPLITS = ("test", "val", "train")  # generation order (see the module docstring)
+DEFAULT_N_PER_TASK = {"train": 2000, "val": 100, "test": 200}
+DEFAULT_N_CAPTIONS = {"train": 4000, "val": 0, "test": 0}
+# Scenes drawn per record before giving up: only reached when the requested counts exhaust the scene space.
+MAX_SCENE_ATTEMPTS = 1000
+PNG_OPTIONS = {"optimize": False, "compress_level": 1}  # fast to write; the images are tiny anyway
+
+
+def split_seed(seed: int, split: str, task: str) -> int:
+    """An independent 64-bit seed per (seed, split, task), stable across Python versions and processes."""
+    digest = hashlib.sha256(f"vlmlab-world/{seed}/{split}/{task}".encode()).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def generate_split(
+    split: str, counts: Mapping[str, int], *, seed: int, seen: set | None = None
+) -> Iterator[tuple[str, Sample]]:
+    """Yield ``(id, sample)`` for ``counts[task]`` samples of each task, answers balanced exactly.
+
+    Scenes whose signature is in ``seen`` are redrawn; accepted signatures are added to it (pass one set across
+    splits to keep them disjoint).
+    """
+    seen = set() if seen is None else seen
+    for task, n in counts.items():
+        spec = TASK_SPECS[task]
+        rng = random.Random(split_seed(seed, split, task))
+        # Each answer (or caption object count) n // k or n // k + 1 times, in a seeded random order.
+        targets = [spec.targets[i % len(spec.targets)] for i in range(n)]
+        rng.shuffle(targets)
+        for i, target in enumerate(targets):
+            for _ in range(MAX_SCENE_ATTEMPTS):
+                sample = spec.make(rng, target)
+                signature = sample.scene.signature()
+                if signature not in seen:
+                    seen.add(signature)
+                    break
+            else:
+                raise ConfigError(
+                    f"world: cannot draw {n} distinct '{task}' scenes for split '{split}'; ask for fewer"
+                )
+            yield f"{split}-{task}-{i:06d}", sample
+
+
+def build_world(
+    out_dir: str | os.PathLike,
+    *,
+    seed: int = 0,
+    n_per_task: Mapping[str, int] | int | None = None,
+    n_captions: Mapping[str, int] | int | None = None,
+    tasks: Sequence[str] = TASKS,
+) -> dict:
+    """Generate the world into ``out_dir`` (or reuse it when ``world.json`` records identical settings).
+
+    ``n_per_task``: records per QA task per split (default ``DEFAULT_N_PER_TASK``); ``n_captions``: caption
+    records per split (default ``DEFAULT_N_CAPTIONS``). An int means that many in every split; a dict's missing
+    splits get 0. Returns the summary stored in ``world.json`` plus ``out_dir`` and ``regenerated``.
+    """
+    out_dir = Path(out_dir)
+    settings = {
+        "version": WORLD_VERSION,
+        "seed": seed,
+        "tasks": _check_tasks(tasks),
+        "n_per_task": _per_split(n_per_task, DEFAULT_N_PER_TASK, "n_per_task"),
+        "n_captions": _per_split(n_captions, DEFAULT_N_CAPTIONS, "n_captions"),
+    }
+    summary_path = out_dir / "world.json"
+    existing = _read_summary(summary_path)
+    if existing is not None and existing.get("settings") == settings and _complete(out_dir, existing):
+        return {**existing, "out_dir": str(out_dir), "regenerated": False}
+
+    # A stale world.json must not vouch for a half-rewritten world if this build is interrupted.
+    summary_path.unlink(missing_ok=True)
+    seen: set = set()
+    counts = {}
+    for split in SPLITS:
+        split_counts = {task: settings["n_per_task"][split] for task in settings["tasks"]}
+        if settings["n_captions"][split]:
+            split_counts[CAPTION] = settings["n_captions"][split]
+        _write_split(out_dir, split, generate_split(split, split_counts, seed=seed, seen=seen))
+        counts[split] = split_counts
+
+    summary = {
+        "settings": settings,
+        "counts": counts,
+        "answers": {task: list(TASK_SPECS[task].answers) for task in settings["tasks"]},
+        "files": {split: f"{split}.json" for split in SPLITS},
+    }
+    write_json_atomic(summary_path, summary)
+    return {**summary, "out_dir": str(out_dir), "regenerated": True}
+
+
+def to_llava_record(record_id: str, image: str, sample: Sample) -> dict:
+    """The LLaVA JSON record of one sample (``image`` relative to the world folder)."""
+    return {
+        "id": record_id,
+        "image": image,
+        "conversations": [{"from": "human", "value": sample.prompt}, {"from": "gpt", "value": sample.answer}],
+        "task": sample.task,
+    }
+
+
+def _write_split(out_dir: Path, split: str, samples: Iterator[tuple[str, Sample]]) -> None:
+    image_dir = out_dir / "images" / split
+    image_dir.mkdir(parents=True, exist_ok=True)
+    records, written = [], set()
+    for record_id, sample in samples:
+        name = f"{record_id}.png"
+        render(sample.scene).save(image_dir / name, format="PNG", **PNG_OPTIONS)
+        written.add(name)
+        records.append(to_llava_record(record_id, f"images/{split}/{name}", sample))
+    # Images left by an earlier, larger build would otherwise linger; only our own id pattern is removed.
+    for stale in image_dir.glob(f"{split}-*.png"):
+        if stale.name not in written:
+            stale.unlink()
+    write_llava_json(out_dir / f"{split}.json", records)
+
+
+def _check_tasks(tasks: Sequence[str]) -> list[str]:
+    if isinstance(tasks, str):  # a single name would otherwise be split into letters
+        tasks = [tasks]
+    unknown = [task for task in tasks if task not in TASKS]
+    if unknown:
+        raise ConfigError(
+            f"world: unknown task(s) {', '.join(map(repr, unknown))}; valid tasks: {', '.join(TASKS)}"
+        )
+    if len(set(tasks)) != len(tasks):
+        raise ConfigError(f"world: repeated task in {list(tasks)}")
+    return list(tasks)
+
+
+def _per_split(
+    value: Mapping[str, int] | int | None, default: Mapping[str, int], name: str
+) -> dict[str, int]:
+    if value is None:
+        value = default
+    counts = dict.fromkeys(SPLITS, value) if isinstance(value, int) else dict(value)
+    unknown = set(counts) - set(SPLITS)
+    if unknown:
+        raise ConfigError(
+            f"world: {name} has unknown split(s) {sorted(unknown)}; valid splits: train, val, test"
+        )
+    for split, n in counts.items():
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ConfigError(f"world: {name}[{split!r}] must be a non-negative integer, got {n!r}")
+    return {split: counts.get(split, 0) for split in ("train", "val", "test")}
+
+
+def _read_summary(path: Path) -> dict | None:
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing or damaged: rebuild
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
+def _complete(out_dir: Path, summary: dict) -> bool:
+    files = summary.get("files")
+    return isinstance(files, dict) and all((out_dir / name).is_file() for name in files.values())

