@@ -3,10 +3,20 @@
     model, processor = vlmlab.build("tiny")         # a preset (vlmlab.PRESETS lists them)
     vlmlab.save(model, processor, "out/")
     model, processor = vlmlab.load("out/")          # a saved model or a training checkpoint
+
+The top-level names are imported lazily so that ``import vlmlab.io`` (and the CLI's start) stays fast.
 """
 
-from vlmlab.api import build, load, save
-from vlmlab.presets import PRESETS
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["PRESETS", "build", "load", "save"]
+_LAZY = {"build": "vlmlab.api", "load": "vlmlab.api", "save": "vlmlab.api", "PRESETS": "vlmlab.presets"}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'vlmlab' has no attribute {name!r}")

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from vlmlab.models.language import cache_kwargs
 from vlmlab.models.vlm import positions_from_mask
 
 
@@ -74,8 +75,8 @@ def generate(
             inputs_embeds=step_embeds,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=past,
             use_cache=use_cache,
+            **cache_kwargs(model.language, past),
         )
         nxt = sample_next(out.logits[:, -1], do_sample, temperature, top_p, generator)
         nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)

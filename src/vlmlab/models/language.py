@@ -7,10 +7,10 @@ The decoder is used unmodified, so its own parameter names load and save as they
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable
 
-from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from vlmlab.config import LanguageConfig
@@ -59,5 +59,9 @@ def architecture_params(model: PreTrainedModel) -> dict:
     return d
 
 
-def input_embeddings(model: PreTrainedModel) -> nn.Embedding:
-    return model.get_input_embeddings()
+def cache_kwargs(model: PreTrainedModel, cache) -> dict:
+    """The decoder's KV-cache argument: transformers >= 5.2x calls it ``cache``, earlier ``past_key_values``."""
+    if cache is None:
+        return {}
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}

@@ -21,7 +21,7 @@ from vlmlab.config import ModelConfig
 from vlmlab.errors import CheckpointError, SampleError
 from vlmlab.models.connectors import CONNECTORS
 from vlmlab.models.encoders import ENCODERS
-from vlmlab.models.language import architecture_params, build_language_model
+from vlmlab.models.language import architecture_params, build_language_model, cache_kwargs
 from vlmlab.models.merge import merge_image_features
 
 # The parts a training stage can freeze or train, by name (see training/stages.py).
@@ -83,8 +83,8 @@ class VisionLanguageModel(nn.Module):
             attention_mask=attention_mask,
             position_ids=position_ids,
             labels=labels,
-            past_key_values=past_key_values,
             use_cache=use_cache,
+            **cache_kwargs(self.language, past_key_values),
         )
 
     def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:

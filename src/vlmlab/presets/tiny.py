@@ -21,7 +21,7 @@ VOCAB_SIZE = 512
 
 
 def _tokenizer():
-    from vlmlab.data.world import corpus
+    from vlmlab.data.world.corpus import corpus
 
     return train_bpe_tokenizer(corpus(), vocab_size=VOCAB_SIZE)
 

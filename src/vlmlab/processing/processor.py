@@ -19,7 +19,7 @@ from transformers import AutoTokenizer
 from vlmlab.config import ProcessorConfig, from_dict
 from vlmlab.errors import CheckpointError, SampleError
 from vlmlab.processing.chat import render_with_spans
-from vlmlab.processing.image import load_image
+from vlmlab.processing.image import load_image, to_rgb
 from vlmlab.processing.transforms import image_to_tensor
 
 IGNORE_INDEX = -100
@@ -40,7 +40,7 @@ class Processor:
     # -- single samples ------------------------------------------------------------------------------------
     def load_images(self, sources: Sequence[str | os.PathLike | bytes | Image.Image]) -> list[Image.Image]:
         return [
-            s if isinstance(s, Image.Image) else load_image(s, max_pixels=self.config.max_image_pixels)
+            to_rgb(s) if isinstance(s, Image.Image) else load_image(s, max_pixels=self.config.max_image_pixels)
             for s in sources
         ]
 

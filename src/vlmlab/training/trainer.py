@@ -212,7 +212,7 @@ class Trainer:
                 out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                  pixel_values=batch["pixel_values"], labels=batch["labels"])
             (out.loss / stage.grad_accum).backward()
-            total += float(out.loss) / stage.grad_accum
+            total += out.loss.item() / stage.grad_accum
             used += len(samples)
         return total, used
 

@@ -184,9 +184,13 @@ def describe(scene: Scene) -> str:
         (obj,) = objects
         size_word = "large" if obj.size >= LARGE_OBJECT * min(scene.width, scene.height) else "small"
         return f"a {size_word} {obj.colour} {obj.shape} {_grid_phrase(obj, scene)}."
-    names = [f"a {o.colour} {o.shape}" for o in objects]
+    names = [f"{_article(o.colour)} {o.colour} {o.shape}" for o in objects]
     listed = ", ".join(names[:-1]) + " and " + names[-1]
     return f"{NUMBER_WORDS[len(objects) - 1]} shapes: {listed}."
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
 
 
 _GRID_PHRASES = (

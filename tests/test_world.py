@@ -1,0 +1,238 @@
+"""Tests of the synthetic world (vlmlab.data.world): determinism, disjoint splits, balanced and correct answers.
+
+Answers are checked against the scene coordinates with geometry written out here, independently of the
+generator's own helpers, and rendered pixels are checked against the named colours.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from vlmlab.data.formats import load_records
+from vlmlab.data.world import TASKS, build_world
+from vlmlab.data.world.generate import generate_split
+from vlmlab.data.world.scenes import BACKGROUNDS, COLOURS, SHAPES, render
+from vlmlab.data.world.tasks import TASK_SPECS
+from vlmlab.errors import ConfigError
+
+SMALL = {"n_per_task": {"train": 24, "val": 6, "test": 12}, "n_captions": {"train": 12}}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("world")
+    build_world(out, seed=0, **SMALL)
+    return out
+
+
+def file_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def records(root: Path, split: str) -> list[dict]:
+    return json.loads((root / f"{split}.json").read_text(encoding="utf-8"))
+
+
+def test_same_seed_gives_identical_bytes_and_another_seed_differs(world, tmp_path):
+    build_world(tmp_path / "again", seed=0, **SMALL)
+    build_world(tmp_path / "other", seed=1, **SMALL)
+    ours, again, other = file_bytes(world), file_bytes(tmp_path / "again"), file_bytes(tmp_path / "other")
+    assert ours == again
+    assert ours.keys() == other.keys()
+    differing = [name for name in ours if ours[name] != other[name]]
+    assert len(differing) > 0.9 * len(ours)
+
+
+def test_layout_ids_and_counts(world):
+    summary = json.loads((world / "world.json").read_text(encoding="utf-8"))
+    assert summary["counts"]["train"] == {**dict.fromkeys(TASKS, 24), "caption": 12}
+    assert summary["counts"]["val"] == dict.fromkeys(TASKS, 6)
+    train = records(world, "train")
+    assert len(train) == 5 * 24 + 12
+    assert {r["id"] for r in train} >= {
+        "train-colour-000000",
+        "train-caption-000011",
+        "train-position-000023",
+    }
+    for record in train:
+        assert record["image"] == f"images/train/{record['id']}.png"
+        assert (world / record["image"]).is_file()
+
+
+def test_splits_are_disjoint_by_image_content(world):
+    hashes = {}
+    for split in ("train", "val", "test"):
+        hashes[split] = {
+            hashlib.sha256((world / r["image"]).read_bytes()).hexdigest() for r in records(world, split)
+        }
+        assert len(hashes[split]) == len(records(world, split))  # no repeats inside a split either
+    assert not hashes["train"] & hashes["val"]
+    assert not hashes["train"] & hashes["test"]
+    assert not hashes["val"] & hashes["test"]
+
+
+def test_test_split_does_not_depend_on_the_train_size(world, tmp_path):
+    build_world(tmp_path, seed=0, n_per_task={"train": 10, "val": 6, "test": 12}, n_captions=0)
+    assert (tmp_path / "test.json").read_bytes() == (world / "test.json").read_bytes()
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_answers_are_in_the_answer_set_and_balanced(world, task):
+    for split in ("train", "test"):
+        answers = Counter(r["conversations"][1]["value"] for r in records(world, split) if r["task"] == task)
+        answer_set = set(TASK_SPECS[task].answers)
+        assert set(answers) == answer_set  # every answer appears (counts >= answer-set size)
+        assert max(answers.values()) - min(answers.values()) <= 1
+
+
+def test_turns_follow_the_llava_convention(world):
+    for record in records(world, "train"):
+        human, gpt = record["conversations"]
+        assert (human["from"], gpt["from"]) == ("human", "gpt")
+        if record["task"] == "caption":
+            assert human["value"] == "<image>"
+        else:
+            assert human["value"].startswith("<image>\n") and human["value"].endswith("?")
+            assert gpt["value"] == gpt["value"].lower() and len(gpt["value"].split()) <= 2
+
+
+def test_records_load_back_with_tasks_and_existing_images(world):
+    loaded = load_records(world / "train.json")
+    assert Counter(r.task for r in loaded) == {**dict.fromkeys(TASKS, 24), "caption": 12}
+    for record in loaded:
+        assert len(record.images) == 1 and Path(record.images[0]).is_file()
+        assert [m["role"] for m in record.messages] == ["user", "assistant"]
+
+
+def test_image_sizes_vary_within_bounds(world):
+    from PIL import Image
+
+    sizes = {Image.open(world / r["image"]).size for r in records(world, "train")}
+    assert len({w for w, _ in sizes}) > 10 and len({h for _, h in sizes}) > 10
+    assert all(48 <= w <= 96 and 48 <= h <= 96 for w, h in sizes)
+
+
+def samples(task: str, n: int = 60):
+    return [sample for _, sample in generate_split("train", {task: n}, seed=3)]
+
+
+def boxes_overlap(a, b) -> bool:
+    return a.x < b.x + b.size and b.x < a.x + a.size and a.y < b.y + b.size and b.y < a.y + a.size
+
+
+def test_relation_answers_match_the_coordinates():
+    for sample in samples("relation"):
+        scene = sample.scene
+        colour_a, shape_a, colour_b, shape_b = re.fullmatch(
+            r"<image>\nWhere is the (\w+) (\w+) relative to the (\w+) (\w+)\?", sample.prompt
+        ).groups()
+        a, b = scene.objects
+        assert (a.colour, a.shape, b.colour, b.shape) == (colour_a, shape_a, colour_b, shape_b)
+        assert a.colour != b.colour and a.shape != b.shape
+        dx, dy = a.cx - b.cx, a.cy - b.cy
+        if sample.answer in ("left", "right"):
+            along, across, side = dx, dy, scene.width
+            assert (dx < 0) == (sample.answer == "left")
+        else:
+            along, across, side = dy, dx, scene.height
+            assert (dy < 0) == (sample.answer == "above")  # image y grows downwards
+        assert abs(along) >= 0.4 * side and abs(along) >= 2 * abs(across)
+        assert not boxes_overlap(a, b)
+
+
+def test_position_answers_match_the_coordinates():
+    for sample in samples("position"):
+        scene, (obj,) = sample.scene, sample.scene.objects
+        fx, fy = obj.cx / scene.width, obj.cy / scene.height
+        if sample.answer == "center":
+            assert abs(fx - 0.5) <= 0.1 and abs(fy - 0.5) <= 0.1
+        else:
+            vertical, horizontal = sample.answer.split()
+            assert (fy < 0.4) if vertical == "top" else (fy > 0.6)
+            assert (fx < 0.4) if horizontal == "left" else (fx > 0.6)
+
+
+def test_count_answers_match_the_objects_which_never_overlap():
+    words = {"one": 1, "two": 2, "three": 3, "four": 4}
+    for sample in samples("count"):
+        objects = sample.scene.objects
+        assert len(objects) == words[sample.answer]
+        assert not any(boxes_overlap(a, b) for i, a in enumerate(objects) for b in objects[i + 1 :])
+        for obj in objects:
+            side = min(sample.scene.width, sample.scene.height)
+            assert 0.18 * side - 1 <= obj.size <= 0.28 * side
+            assert (
+                0 <= obj.x <= sample.scene.width - obj.size and 0 <= obj.y <= sample.scene.height - obj.size
+            )
+
+
+def test_colour_is_rendered_at_the_object_centre_and_shape_matches():
+    for task in ("colour", "shape"):
+        for sample in samples(task, 30):
+            (obj,) = sample.scene.objects
+            side = min(sample.scene.width, sample.scene.height)
+            assert 0.28 * side - 1 <= obj.size <= 0.45 * side
+            image = render(sample.scene)
+            assert image.size == (sample.scene.width, sample.scene.height)
+            assert image.getpixel((int(obj.cx), int(obj.cy))) == COLOURS[obj.colour]
+            assert image.getpixel((0, 0)) in (*BACKGROUNDS.values(), COLOURS[obj.colour])
+            assert sample.answer == (obj.colour if task == "colour" else obj.shape)
+
+
+def test_shapes_render_differently():
+    from vlmlab.data.world.scenes import Obj, Scene
+
+    pixels = {
+        shape: render(Scene(48, 48, "white", (Obj(shape, "red", 10, 10, 14),))).tobytes() for shape in SHAPES
+    }
+    assert len(set(pixels.values())) == len(SHAPES)
+
+
+def test_captions_name_every_object():
+    for sample in samples("caption", 30):
+        assert sample.prompt == "<image>"
+        for obj in sample.scene.objects:
+            assert f"{obj.colour} {obj.shape}" in sample.answer
+        if len(sample.scene.objects) == 1:
+            assert re.fullmatch(r"a (small|large) \w+ \w+ (at|on|in) the [a-z ]+\.", sample.answer)
+        else:
+            assert sample.answer.startswith(
+                {2: "two shapes: ", 3: "three shapes: "}[len(sample.scene.objects)]
+            )
+
+
+def test_matching_world_json_skips_regeneration_and_new_settings_rebuild(tmp_path):
+    first = build_world(tmp_path, seed=0, n_per_task=4, n_captions=0, tasks=("colour",))
+    assert first["regenerated"] is True
+    image = tmp_path / "images" / "train" / "train-colour-000003.png"
+    stamp = image.stat().st_mtime_ns
+    again = build_world(tmp_path, seed=0, n_per_task=4, n_captions=0, tasks=("colour",))
+    assert again["regenerated"] is False and image.stat().st_mtime_ns == stamp
+    smaller = build_world(tmp_path, seed=0, n_per_task=2, n_captions=0, tasks=("colour",))
+    assert smaller["regenerated"] is True
+    assert not image.exists()  # stale images of the larger build are removed
+    assert len(list((tmp_path / "images" / "train").iterdir())) == 2
+
+
+def test_bad_settings_raise_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="unknown task"):
+        build_world(tmp_path, tasks=("colour", "texture"))
+    with pytest.raises(ConfigError, match="unknown split"):
+        build_world(tmp_path, n_per_task={"training": 3})
+    with pytest.raises(ConfigError, match="non-negative integer"):
+        build_world(tmp_path, n_per_task={"train": -1})
+
+
+def test_scenes_already_seen_are_redrawn():
+    seen: set = set()
+    first = [s.scene for _, s in generate_split("train", {"colour": 20}, seed=0, seen=seen)]
+    # The same seed and split would repeat every scene; the shared `seen` set forces new ones.
+    second = [s.scene for _, s in generate_split("train", {"colour": 20}, seed=0, seen=seen)]
+    assert not {s.signature() for s in first} & {s.signature() for s in second}
+    assert first == [s.scene for _, s in generate_split("train", {"colour": 20}, seed=0)]
