@@ -97,7 +97,15 @@ class Trainer:
     # -- public --------------------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        _attach_log_file(self.run_dir / "train.log")
+        handler = _attach_log_file(self.run_dir / "train.log")
+        try:
+            return self._fit(resume)
+        finally:  # this run's log file must not collect later runs' lines (nor stay open)
+            if handler is not None:
+                logging.getLogger("vlmlab").removeHandler(handler)
+                handler.close()
+
+    def _fit(self, resume: bool) -> dict:
         seed_everything(self.opt.seed)
         ckpt = latest_checkpoint(self.ckpt_dir, prefix=CKPT_PREFIX) if resume else None
         saved: dict | None = None
@@ -214,6 +222,7 @@ class Trainer:
             (out.loss / stage.grad_accum).backward()
             total += out.loss.item() / stage.grad_accum
             used += len(samples)
+        self._check_bad_fraction()
         return total, used
 
     def _index_at(self, pos: int, n: int, stage: Stage) -> int:
@@ -231,7 +240,11 @@ class Trainer:
             bad.append(rec_id)
             writer.write({"id": rec_id, "stage": stage.name, "reason": reason})
             log.warning("skipped bad sample: %s", reason)
-        seen = self.state["attempted"]
+        self._check_bad_fraction()
+
+    def _check_bad_fraction(self) -> None:
+        # Also called after every step: bad samples met before MIN_SEEN attempts must still count against the cap.
+        bad, seen = self.state["bad_ids"], self.state["attempted"]
         if seen >= MIN_SEEN_FOR_BAD_FRACTION and len(bad) / seen > self.opt.max_bad_fraction:
             raise TrainingError(
                 f"{len(bad)} bad samples out of {seen} seen (over {self.opt.max_bad_fraction:.0%}); "
@@ -302,10 +315,13 @@ class Trainer:
         self._stop_requested = True
 
 
-def _attach_log_file(path: Path) -> None:
+def _attach_log_file(path: Path) -> logging.FileHandler | None:
+    """Add a handler writing to ``path``; returns it (None when one is already attached)."""
     root = logging.getLogger("vlmlab")
     root.setLevel(logging.INFO)
     if not any(isinstance(h, logging.FileHandler) and h.baseFilename == str(path.resolve()) for h in root.handlers):
         h = logging.FileHandler(path)
         h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         root.addHandler(h)
+        return h
+    return None

@@ -15,15 +15,26 @@ import torch
 from torch import nn
 
 from vlmlab.config import VisionConfig
+from vlmlab.errors import ConfigError
 
 
-def _stage(c_in: int, c_out: int) -> nn.Sequential:
+def _norm(kind: str, c: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(c)
+    if kind == "group":
+        return nn.GroupNorm(8 if c % 8 == 0 else 1, c)
+    if kind == "none":
+        return nn.Identity()
+    raise ConfigError(f"vision.params.norm: {kind!r} is not one of ['batch', 'group', 'none']")
+
+
+def _stage(c_in: int, c_out: int, norm: str) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False),
-        nn.GroupNorm(8 if c_out % 8 == 0 else 1, c_out),
+        nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=norm == "none"),
+        _norm(norm, c_out),
         nn.GELU(),
-        nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
-        nn.GroupNorm(8 if c_out % 8 == 0 else 1, c_out),
+        nn.Conv2d(c_out, c_out, 3, padding=1, bias=norm == "none"),
+        _norm(norm, c_out),
         nn.GELU(),
     )
 
@@ -35,17 +46,30 @@ class ConvNetTower(nn.Module):
         super().__init__()
         channels = list(config.params.get("channels", (32, 64, 128)))
         self.pool = int(config.params.get("pool", 2))
+        norm = config.params.get("norm", "group")
         stages, c_in = [], 3
         for c in channels:
-            stages.append(_stage(c_in, c))
+            stages.append(_stage(c_in, c, norm))
             c_in = c
         self.stages = nn.Sequential(*stages)
-        self.hidden_size = c_in
+        self.downsample = 2 ** len(channels) * self.pool
+        # Optional colour shortcut: each token also carries the mean RGB of its image cell (see module docstring).
+        self.cell_colour = bool(config.params.get("cell_colour", False))
+        self.global_token = bool(config.params.get("global_token", False))
+        self.hidden_size = c_in + 3 * self.cell_colour
         side = config.image_size // (2 ** len(channels)) // self.pool
-        self.num_tokens = side * side
+        self.num_tokens = side * side + int(self.global_token)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         x = self.stages(pixel_values)  # [B, D, H', W']
+        g = x.mean(dim=(2, 3))[:, None]  # [B, 1, D]
         if self.pool > 1:
             x = nn.functional.avg_pool2d(x, self.pool)
-        return x.flatten(2).transpose(1, 2)  # [B, H'W', D], row-major
+        if self.cell_colour:
+            x = torch.cat([x, nn.functional.avg_pool2d(pixel_values, self.downsample)], dim=1)
+        tokens = x.flatten(2).transpose(1, 2)  # [B, H'W', D], row-major
+        if self.global_token:
+            if self.cell_colour:
+                g = torch.cat([g, pixel_values.mean(dim=(2, 3))[:, None]], dim=-1)
+            tokens = torch.cat([g, tokens], dim=1)
+        return tokens
