@@ -22,9 +22,16 @@ TEXTS = [
 ] * 20
 
 LLAMA = {
-    "vocab_size": 320, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
-    "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 1,
+    "vocab_size": 320,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+    "bos_token_id": 1,
 }
 
 
@@ -33,8 +40,14 @@ def tokenizer():
     return train_bpe_tokenizer(TEXTS, vocab_size=320)
 
 
-def make_model(tokenizer, vision: VisionConfig | None = None, connector: str = "mlp2x_gelu",
-               language: LanguageConfig | None = None, max_length: int = 96, seed: int = 0):
+def make_model(
+    tokenizer,
+    vision: VisionConfig | None = None,
+    connector: str = "mlp2x_gelu",
+    language: LanguageConfig | None = None,
+    max_length: int = 96,
+    seed: int = 0,
+):
     torch.manual_seed(seed)
     cfg = ModelConfig(
         vision=vision or VisionConfig(name="convnet", image_size=32, params={"channels": [8, 16], "pool": 2}),
@@ -50,3 +63,13 @@ def make_model(tokenizer, vision: VisionConfig | None = None, connector: str = "
 @pytest.fixture
 def tiny_model(tokenizer):
     return make_model(tokenizer)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and a second OpenMP thread stalls badly when the 2 cores are
+    shared with other processes."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

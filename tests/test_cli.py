@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 import vlmlab
@@ -19,16 +18,6 @@ from conftest import make_model
 from vlmlab.cli import main
 from vlmlab.data.world import build_world
 from vlmlab.inference.chat import answer
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and a second OpenMP thread stalls badly when the 2 cores are
-    shared with other processes; the previous setting is restored for other modules."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

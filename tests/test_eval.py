@@ -25,16 +25,6 @@ from vlmlab.processing.transforms import blank_image, image_to_tensor
 N_TEST = 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and a second OpenMP thread stalls badly when the 2 cores are
-    shared with other processes; the previous setting is restored for other modules."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("world")

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from conftest import LLAMA, make_model
-from vlmlab.config import ConnectorConfig, VisionConfig
+from vlmlab.config import VisionConfig
 from vlmlab.errors import SampleError
 from vlmlab.models.connectors import CONNECTORS
 from vlmlab.models.encoders import ENCODERS
@@ -15,12 +15,28 @@ from vlmlab.models.vlm import VisionLanguageModel
 from vlmlab.registry import UnknownNameError
 
 ENCODER_CONFIGS = {
-    "clip": VisionConfig(name="clip", image_size=32, params={
-        "patch_size": 8, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 4}),
-    "siglip": VisionConfig(name="siglip", image_size=32, params={
-        "patch_size": 8, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 4}),
+    "clip": VisionConfig(
+        name="clip",
+        image_size=32,
+        params={
+            "patch_size": 8,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+        },
+    ),
+    "siglip": VisionConfig(
+        name="siglip",
+        image_size=32,
+        params={
+            "patch_size": 8,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+        },
+    ),
     "convnet": VisionConfig(name="convnet", image_size=32, params={"channels": [8, 16], "pool": 2}),
     "efficientnet-lite0": VisionConfig(name="efficientnet-lite0", image_size=64),
 }
@@ -99,12 +115,19 @@ def test_text_only_equals_bare_lm_logits(tiny_model, tokenizer):
 def test_kv_cache_generation_equals_uncached(tiny_model):
     model, proc = tiny_model
     imgs = [[Image.new("RGB", (32, 32), c)] for c in ("red", "blue", "green")]
-    convs = [[{"role": "user", "content": "<image>\n" + q}] for q in
-             ("What color is the shape?", "How many shapes are there? one two", "Where?")]
+    convs = [
+        [{"role": "user", "content": "<image>\n" + q}]
+        for q in ("What color is the shape?", "How many shapes are there? one two", "Where?")
+    ]
     batch = proc(convs, imgs)
     assert batch["attention_mask"][:, 0].sum() < 3, "left padding expected in the batch"
-    kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-              pixel_values=batch["pixel_values"], max_new_tokens=12, pad_token_id=proc.pad_token_id)
+    kw = dict(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        pixel_values=batch["pixel_values"],
+        max_new_tokens=12,
+        pad_token_id=proc.pad_token_id,
+    )
     cached = model.generate(**kw, use_cache=True)
     uncached = model.generate(**kw, use_cache=False)
     assert cached.shape[1] == 12
@@ -112,16 +135,27 @@ def test_kv_cache_generation_equals_uncached(tiny_model):
     # Batched, left-padded generation equals one-at-a-time generation.
     for i in range(3):
         single = proc([convs[i]], [imgs[i]])
-        one = model.generate(input_ids=single["input_ids"], attention_mask=single["attention_mask"],
-                             pixel_values=single["pixel_values"], max_new_tokens=12, pad_token_id=proc.pad_token_id)
+        one = model.generate(
+            input_ids=single["input_ids"],
+            attention_mask=single["attention_mask"],
+            pixel_values=single["pixel_values"],
+            max_new_tokens=12,
+            pad_token_id=proc.pad_token_id,
+        )
         assert torch.equal(one[0], cached[i])
 
 
 def test_sampling_is_seeded_and_top_p_one_token_is_greedy(tiny_model):
     model, proc = tiny_model
-    batch = proc([[{"role": "user", "content": "<image>\nWhat shape is this?"}]], [[Image.new("RGB", (8, 8))]])
-    kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-              pixel_values=batch["pixel_values"], max_new_tokens=8)
+    batch = proc(
+        [[{"role": "user", "content": "<image>\nWhat shape is this?"}]], [[Image.new("RGB", (8, 8))]]
+    )
+    kw = dict(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        pixel_values=batch["pixel_values"],
+        max_new_tokens=8,
+    )
     a = model.generate(**kw, do_sample=True, temperature=1.5, generator=torch.Generator().manual_seed(1))
     b = model.generate(**kw, do_sample=True, temperature=1.5, generator=torch.Generator().manual_seed(1))
     assert torch.equal(a, b)

@@ -36,16 +36,6 @@ LR = {"vision": 3e-3, "connector": 3e-3, "language": 3e-3}
 ALL = ("vision", "connector", "language")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and a second OpenMP thread stalls badly when the 2 cores are
-    shared with other processes; the previous setting is restored for other modules."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def two_stages() -> list[Stage]:
     return [
         Stage(name="align", train=("connector",), lr=LR, steps=3, tasks=("caption",), batch_size=4),

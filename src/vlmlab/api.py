@@ -15,7 +15,9 @@ def build(preset: str | Preset, load_pretrained: bool = True) -> tuple[VisionLan
     """A fresh model and its processor from a preset name (see ``vlmlab presets``) or a ``Preset``."""
     p = PRESETS[preset]() if isinstance(preset, str) else preset
     tokenizer = p.make_tokenizer()
-    config = dataclasses.replace(p.config, image_token_id=tokenizer.convert_tokens_to_ids(p.config.processor.image_token))
+    config = dataclasses.replace(
+        p.config, image_token_id=tokenizer.convert_tokens_to_ids(p.config.processor.image_token)
+    )
     model = VisionLanguageModel(config, load_pretrained=load_pretrained)
     return model, Processor(tokenizer, config.processor, model.num_image_tokens)
 

@@ -7,6 +7,7 @@ with exit status 2, never as a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -24,6 +25,18 @@ def _positive_int(s: str) -> int:
     return v
 
 
+def _part_lr(s: str) -> tuple[str, float]:
+    from vlmlab.models.vlm import PARTS
+
+    part, sep, value = s.partition("=")
+    if not sep or part not in PARTS:
+        raise argparse.ArgumentTypeError(f"expected PART=LR with PART one of {list(PARTS)}, got {s!r}")
+    try:
+        return part, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"learning rate {value!r} is not a number") from None
+
+
 def cmd_presets(args: argparse.Namespace) -> None:
     from vlmlab.presets import PRESETS
 
@@ -36,34 +49,52 @@ def cmd_presets(args: argparse.Namespace) -> None:
 def cmd_world(args: argparse.Namespace) -> None:
     from vlmlab.data.world import build_world
 
-    summary = build_world(args.out, seed=args.seed, n_per_task={"train": args.train, "val": args.val,
-                                                                "test": args.test})
+    summary = build_world(
+        args.out,
+        seed=args.seed,
+        n_per_task={"train": args.train, "val": args.val, "test": args.test},
+        n_captions={"train": args.captions, "val": 0, "test": 0},
+    )
     print(f"world written to {args.out}: {summary.get('counts', summary)}")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     from vlmlab.api import build
+    from vlmlab.errors import ConfigError
     from vlmlab.presets import PRESETS
-    from vlmlab.training.trainer import TrainOptions, Trainer
+    from vlmlab.training.trainer import Trainer, TrainOptions
 
     preset = PRESETS[args.preset]()
     stages = preset.recipe
     if args.stages:
         by_name = {s.name: s for s in stages}
-        from vlmlab.errors import ConfigError
-
         unknown = [n for n in args.stages if n not in by_name]
         if unknown:
-            raise ConfigError(f"--stages: unknown stage(s) {unknown}; preset {args.preset!r} has {list(by_name)}")
+            raise ConfigError(
+                f"--stages: unknown stage(s) {unknown}; preset {args.preset!r} has {list(by_name)}"
+            )
         stages = [by_name[n] for n in args.stages]
     if args.steps:
-        import dataclasses
-
         stages = [dataclasses.replace(s, steps=args.steps) for s in stages]
+    if args.lr:
+        # Per-part learning rates for every stage that trains that part (e.g. --lr vision=3e-4).
+        stages = [
+            dataclasses.replace(s, lr={**s.lr, **{k: v for k, v in args.lr if k in s.train}}) for s in stages
+        ]
     model, processor = build(preset)
-    trainer = Trainer(model, processor, stages, TrainOptions(
-        run_dir=Path(args.run_dir), data_root=Path(args.data), seed=args.seed, bf16=args.bf16,
-        save_every=args.save_every, progress=not args.no_progress))
+    trainer = Trainer(
+        model,
+        processor,
+        stages,
+        TrainOptions(
+            run_dir=Path(args.run_dir),
+            data_root=Path(args.data),
+            seed=args.seed,
+            bf16=args.bf16,
+            save_every=args.save_every,
+            progress=not args.no_progress,
+        ),
+    )
     result = trainer.fit(resume=args.resume)
     print(f"trained: {result['global_step']} steps; checkpoints in {Path(args.run_dir) / 'checkpoints'}")
 
@@ -89,8 +120,19 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from vlmlab.inference.chat import answer
 
     model, processor = load(args.checkpoint)
-    print(answer(model, processor, args.question, images=args.image or [], max_new_tokens=args.max_new_tokens,
-                 temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop=args.stop or ()))
+    print(
+        answer(
+            model,
+            processor,
+            args.question,
+            images=args.image or [],
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            stop=args.stop or (),
+        )
+    )
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -100,7 +142,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vlmlab", description="Build, train, evaluate and serve vision-language models.")
+    p = argparse.ArgumentParser(
+        prog="vlmlab", description="Build, train, evaluate and serve vision-language models."
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -110,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("world", help="write the embedded synthetic world (LLaVA JSON + PNG images)")
     s.add_argument("--out", default="world", help="output directory (default: world)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--train", type=_positive_int, default=2000, help="train records per task")
+    s.add_argument("--train", type=_positive_int, default=4000, help="train records per task")
+    s.add_argument("--captions", type=int, default=8000, help="train caption records (the align stage's data)")
     s.add_argument("--val", type=_positive_int, default=100, help="val records per task")
     s.add_argument("--test", type=_positive_int, default=200, help="test records per task")
     s.set_defaults(fn=cmd_world)
@@ -121,10 +166,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run-dir", required=True)
     s.add_argument("--stages", nargs="+", help="run only these stages of the recipe, in this order")
     s.add_argument("--steps", type=_positive_int, help="override every stage's number of steps")
+    s.add_argument(
+        "--lr",
+        type=_part_lr,
+        action="append",
+        metavar="PART=LR",
+        help="override a part's learning rate in every stage that trains it (repeatable)",
+    )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--bf16", action="store_true", help="bf16 autocast")
-    s.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: end of each stage)")
-    s.add_argument("--resume", action="store_true", help="continue exactly from the newest complete checkpoint")
+    s.add_argument(
+        "--save-every", type=int, default=0, help="checkpoint every N steps (0: end of each stage)"
+    )
+    s.add_argument(
+        "--resume", action="store_true", help="continue exactly from the newest complete checkpoint"
+    )
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_train)
 

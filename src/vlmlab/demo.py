@@ -17,13 +17,15 @@ from vlmlab.data.world import build_world
 from vlmlab.evaluation.evaluate import evaluate, markdown_table, split_prompt, write_results
 from vlmlab.inference.chat import answer
 from vlmlab.presets import PRESETS
-from vlmlab.training.trainer import TrainOptions, Trainer
+from vlmlab.training.trainer import Trainer, TrainOptions
 
 log = logging.getLogger("vlmlab.demo")
 
 # World size for the demo: enough distinct scenes that the model cannot memorise them in the time it trains.
-DEMO_WORLD = {"n_per_task": {"train": 4000, "val": 100, "test": 200},
-              "n_captions": {"train": 8000, "val": 0, "test": 0}}
+DEMO_WORLD = {
+    "n_per_task": {"train": 4000, "val": 100, "test": 200},
+    "n_captions": {"train": 8000, "val": 0, "test": 0},
+}
 
 
 def run_demo(run_dir: Path, world_dir: Path, seed: int = 0, progress: bool = True) -> dict:
@@ -37,8 +39,12 @@ def run_demo(run_dir: Path, world_dir: Path, seed: int = 0, progress: bool = Tru
     model, processor = build(preset)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"[2/4] training tiny ({n_params / 1e6:.2f} M params) through {[s.name for s in preset.recipe]}")
-    Trainer(model, processor, preset.recipe,
-            TrainOptions(run_dir=run_dir, data_root=world_dir, seed=seed, progress=progress)).fit()
+    Trainer(
+        model,
+        processor,
+        preset.recipe,
+        TrainOptions(run_dir=run_dir, data_root=world_dir, seed=seed, progress=progress),
+    ).fit()
     save(model, processor, run_dir / "model")
     t_train = time.perf_counter() - t0
     print(f"[3/4] evaluating on the test split (with the blind baseline)  [{t_train:.0f} s so far]")

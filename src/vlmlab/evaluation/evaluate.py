@@ -37,32 +37,52 @@ def split_prompt(rec: Record) -> tuple[list[dict], str]:
 
 
 @torch.no_grad()
-def predict(model, processor: Processor, records: Sequence[Record], *, blind: bool = False,
-            batch_size: int = 64, max_new_tokens: int = 8) -> list[str]:
+def predict(
+    model,
+    processor: Processor,
+    records: Sequence[Record],
+    *,
+    blind: bool = False,
+    batch_size: int = 64,
+    max_new_tokens: int = 8,
+) -> list[str]:
     model.eval()
     out: list[str] = []
     blank = blank_image(processor.config)
     for start in range(0, len(records), batch_size):
-        chunk = records[start:start + batch_size]
+        chunk = records[start : start + batch_size]
         convs = [split_prompt(r)[0] for r in chunk]
         images = [[blank] * len(r.images) if blind else r.images for r in chunk]
         batch = processor(convs, images, add_generation_prompt=True)
         new = model.generate(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-            pixel_values=batch["pixel_values"], max_new_tokens=max_new_tokens,
-            eos_token_id=processor.eos_token_ids, pad_token_id=processor.pad_token_id,
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"],
+            max_new_tokens=max_new_tokens,
+            eos_token_id=processor.eos_token_ids,
+            pad_token_id=processor.pad_token_id,
         )
         out += [processor.decode(row) for row in new.tolist()]
     return out
 
 
-def evaluate(model, processor: Processor, records: Sequence[Record], *, blind_baseline: bool = True,
-             batch_size: int = 64, max_new_tokens: int = 8) -> tuple[dict, list[dict]]:
+def evaluate(
+    model,
+    processor: Processor,
+    records: Sequence[Record],
+    *,
+    blind_baseline: bool = True,
+    batch_size: int = 64,
+    max_new_tokens: int = 8,
+) -> tuple[dict, list[dict]]:
     """``({"tasks": {task: {"accuracy", "blind_accuracy", "n"}}, "settings": ...}, per-record predictions)``."""
     records = [r for r in records if any(m["role"] == "assistant" for m in r.messages)]
     preds = predict(model, processor, records, batch_size=batch_size, max_new_tokens=max_new_tokens)
-    blind = (predict(model, processor, records, blind=True, batch_size=batch_size, max_new_tokens=max_new_tokens)
-             if blind_baseline else [None] * len(records))
+    blind = (
+        predict(model, processor, records, blind=True, batch_size=batch_size, max_new_tokens=max_new_tokens)
+        if blind_baseline
+        else [None] * len(records)
+    )
     per_task: dict[str, dict[str, float]] = defaultdict(lambda: {"correct": 0, "blind_correct": 0, "n": 0})
     rows = []
     for rec, p, b in zip(records, preds, blind):
@@ -73,12 +93,23 @@ def evaluate(model, processor: Processor, records: Sequence[Record], *, blind_ba
         t["n"] += 1
         t["correct"] += ok
         t["blind_correct"] += ok_blind
-        rows.append({"id": rec.id, "task": rec.task, "answer": gold, "prediction": p, "correct": ok,
-                     "blind_prediction": b, "blind_correct": ok_blind})
+        rows.append(
+            {
+                "id": rec.id,
+                "task": rec.task,
+                "answer": gold,
+                "prediction": p,
+                "correct": ok,
+                "blind_prediction": b,
+                "blind_correct": ok_blind,
+            }
+        )
     tasks = {
-        name: {"accuracy": t["correct"] / t["n"],
-               "blind_accuracy": t["blind_correct"] / t["n"] if blind_baseline else None,
-               "n": t["n"]}
+        name: {
+            "accuracy": t["correct"] / t["n"],
+            "blind_accuracy": t["blind_correct"] / t["n"] if blind_baseline else None,
+            "n": t["n"],
+        }
         for name, t in sorted(per_task.items())
     }
     template = processor.tokenizer.chat_template or ""

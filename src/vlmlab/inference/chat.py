@@ -8,9 +8,19 @@ from collections.abc import Sequence
 import torch
 
 
-def answer(model, processor, question: str, images: Sequence[str | os.PathLike | bytes] = (), *,
-           history: Sequence[dict] = (), max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-           seed: int = 0, stop: Sequence[str] = ()) -> str:
+def answer(
+    model,
+    processor,
+    question: str,
+    images: Sequence[str | os.PathLike | bytes] = (),
+    *,
+    history: Sequence[dict] = (),
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    stop: Sequence[str] = (),
+) -> str:
     """Answer ``question``; images missing a placeholder in the question are placed before it (LLaVA style)."""
     placeholder = processor.config.image_token
     missing = len(images) - question.count(placeholder)
@@ -20,10 +30,17 @@ def answer(model, processor, question: str, images: Sequence[str | os.PathLike |
     batch = processor([messages], [list(images)])
     model.eval()
     new = model.generate(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
-        max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature, top_p=top_p,
-        eos_token_id=processor.eos_token_ids, pad_token_id=processor.pad_token_id,
-        stop=processor.stop_checker(stop), generator=torch.Generator().manual_seed(seed),
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        pixel_values=batch["pixel_values"],
+        max_new_tokens=max_new_tokens,
+        do_sample=temperature > 0,
+        temperature=temperature,
+        top_p=top_p,
+        eos_token_id=processor.eos_token_ids,
+        pad_token_id=processor.pad_token_id,
+        stop=processor.stop_checker(stop),
+        generator=torch.Generator().manual_seed(seed),
     )
     text = processor.decode(new[0].tolist())
     for s in stop:  # the answer ends before the stop string, as in the OpenAI API

@@ -57,7 +57,11 @@ def generate(
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     eos = torch.tensor(
-        [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),
+        []
+        if eos_token_id is None
+        else [eos_token_id]
+        if isinstance(eos_token_id, int)
+        else list(eos_token_id),
         device=input_ids.device,
     )
     B = input_ids.shape[0]

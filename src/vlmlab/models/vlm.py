@@ -120,10 +120,15 @@ class VisionLanguageModel(nn.Module):
         """Load every tensor, failing loudly on missing, unexpected or mis-shaped keys."""
         own = self.state_dict()
         # Aliased tensors (a tied LM head) are stored once: a group is present if any of its names is.
-        missing = sorted(k for group in _alias_groups(self) if not any(n in state for n in group) for k in group)
+        missing = sorted(
+            k for group in _alias_groups(self) if not any(n in state for n in group) for k in group
+        )
         unexpected = sorted(k for k in state if k not in own)
-        shapes = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
-                  if k in own and v.shape != own[k].shape]
+        shapes = [
+            f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}"
+            for k, v in state.items()
+            if k in own and v.shape != own[k].shape
+        ]
         for what, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)):
             if keys:
                 more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""

@@ -37,14 +37,34 @@ def nano() -> Preset:
         vision=VisionConfig(name="efficientnet-lite0", image_size=IMAGE_SIZE, pretrained="package"),
         connector=ConnectorConfig(name="mlp2x_gelu"),
         language=LanguageConfig(model_type="llama", pretrained="smollm2-135m-instruct"),
-        processor=ProcessorConfig(image_size=IMAGE_SIZE, image_mean=EFFICIENTNET_MEAN, image_std=EFFICIENTNET_STD,
-                                  image_token=IMAGE_TOKEN, max_length=512),
+        processor=ProcessorConfig(
+            image_size=IMAGE_SIZE,
+            image_mean=EFFICIENTNET_MEAN,
+            image_std=EFFICIENTNET_STD,
+            image_token=IMAGE_TOKEN,
+            max_length=512,
+        ),
         preset="nano",
     )
     recipe = [
-        Stage(name="align", train=("connector",), lr={"connector": 1e-3}, steps=200, tasks=("caption",),
-              batch_size=16, warmup_steps=10),
-        Stage(name="instruct", train=("connector", "language"), lr={"connector": 2e-4, "language": 2e-5},
-              steps=200, batch_size=16, warmup_steps=10),
+        Stage(
+            name="align",
+            train=("connector",),
+            lr={"connector": 1e-3},
+            steps=200,
+            tasks=("caption",),
+            batch_size=16,
+            warmup_steps=10,
+        ),
+        Stage(
+            name="instruct",
+            train=("connector", "language"),
+            lr={"connector": 2e-4, "language": 2e-5},
+            steps=200,
+            batch_size=16,
+            warmup_steps=10,
+        ),
     ]
-    return Preset("nano", config, _tokenizer, recipe, description="EfficientNet-Lite0 + SmolLM2-135M-Instruct")
+    return Preset(
+        "nano", config, _tokenizer, recipe, description="EfficientNet-Lite0 + SmolLM2-135M-Instruct"
+    )

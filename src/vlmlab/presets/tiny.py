@@ -28,7 +28,9 @@ def _tokenizer():
 
 def tiny() -> Preset:
     config = ModelConfig(
-        vision=VisionConfig(name="convnet", image_size=IMAGE_SIZE, params={"channels": [32, 64, 128], "pool": 2}),
+        vision=VisionConfig(
+            name="convnet", image_size=IMAGE_SIZE, params={"channels": [32, 64, 128], "pool": 2}
+        ),
         connector=ConnectorConfig(name="mlp2x_gelu"),
         language=LanguageConfig(
             model_type="llama",
@@ -46,15 +48,31 @@ def tiny() -> Preset:
                 "bos_token_id": 1,
             },
         ),
-        processor=ProcessorConfig(image_size=IMAGE_SIZE, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
-                                  max_length=128),
+        processor=ProcessorConfig(
+            image_size=IMAGE_SIZE, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), max_length=128
+        ),
         preset="tiny",
     )
     lr = {"vision": 3e-3, "connector": 2e-3, "language": 2e-3}
     recipe = [
-        Stage(name="align", train=("vision", "connector", "language"), lr=lr, steps=300, tasks=("caption",),
-              batch_size=32, warmup_steps=30),
-        Stage(name="instruct", train=("vision", "connector", "language"), lr=lr, steps=900, batch_size=32,
-              warmup_steps=50),
+        Stage(
+            name="align",
+            train=("vision", "connector", "language"),
+            lr=lr,
+            steps=300,
+            tasks=("caption",),
+            batch_size=32,
+            warmup_steps=30,
+        ),
+        Stage(
+            name="instruct",
+            train=("vision", "connector", "language"),
+            lr=lr,
+            steps=900,
+            batch_size=32,
+            warmup_steps=50,
+        ),
     ]
-    return Preset("tiny", config, _tokenizer, recipe, description="from-scratch ConvNet + small Llama (CPU demo)")
+    return Preset(
+        "tiny", config, _tokenizer, recipe, description="from-scratch ConvNet + small Llama (CPU demo)"
+    )

@@ -13,7 +13,9 @@ ROLES = ("system", "user", "assistant")
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
 
 
 def render_with_spans(
@@ -33,7 +35,9 @@ def render_with_spans(
         prefix = render(tokenizer, messages[:i], add_generation_prompt=True)
         upto = render(tokenizer, messages[: i + 1], add_generation_prompt=False)
         if not (upto.startswith(prefix) and text.startswith(upto)):
-            raise SampleError("the chat template does not render conversations prefix-stably; cannot mask labels")
+            raise SampleError(
+                "the chat template does not render conversations prefix-stably; cannot mask labels"
+            )
         # Trailing whitespace after the end token (e.g. ChatML's "\n") belongs to the template, not the reply.
         spans.append((len(prefix), len(upto.rstrip())))
     return text, spans

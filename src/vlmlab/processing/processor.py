@@ -40,7 +40,9 @@ class Processor:
     # -- single samples ------------------------------------------------------------------------------------
     def load_images(self, sources: Sequence[str | os.PathLike | bytes | Image.Image]) -> list[Image.Image]:
         return [
-            to_rgb(s) if isinstance(s, Image.Image) else load_image(s, max_pixels=self.config.max_image_pixels)
+            to_rgb(s)
+            if isinstance(s, Image.Image)
+            else load_image(s, max_pixels=self.config.max_image_pixels)
             for s in sources
         ]
 
@@ -55,7 +57,9 @@ class Processor:
         """One sample: ``input_ids`` [T], ``labels`` [T], ``pixel_values`` [N_img, 3, S, S] or None.
 
         Raises ``SampleError`` / ``ImageError`` (one line) when the sample cannot be used as it is."""
-        out = self.encode_text(messages, len(images), add_generation_prompt=add_generation_prompt, train=train)
+        out = self.encode_text(
+            messages, len(images), add_generation_prompt=add_generation_prompt, train=train
+        )
         return {**out, "pixel_values": self.encode_images(images)}
 
     def encode_images(self, images: Sequence[str | os.PathLike | bytes | Image.Image]) -> torch.Tensor | None:
@@ -90,7 +94,10 @@ class Processor:
         ids, labels = self._truncate(ids, labels)
         if train and all(lab == IGNORE_INDEX for lab in labels):
             raise SampleError("no supervised tokens: every label is masked (no assistant reply left)")
-        return {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}
+        return {
+            "input_ids": torch.tensor(ids, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+        }
 
     def _truncate(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
         limit = self.config.max_length
@@ -133,8 +140,10 @@ class Processor:
     ) -> dict[str, torch.Tensor | None]:
         """A left-padded generation batch (the inference path; training calls ``encode`` + ``collate``)."""
         images = images if images is not None else [()] * len(conversations)
-        samples = [self.encode(c, im, add_generation_prompt=add_generation_prompt)
-                   for c, im in zip(conversations, images)]
+        samples = [
+            self.encode(c, im, add_generation_prompt=add_generation_prompt)
+            for c, im in zip(conversations, images)
+        ]
         return self.collate(samples, padding_side="left")
 
     # -- decoding ------------------------------------------------------------------------------------------
@@ -154,7 +163,9 @@ class Processor:
     def stop_checker(self, stop_strings: Sequence[str]) -> Callable[[list[int]], bool] | None:
         if not stop_strings:
             return None
-        return lambda ids: any(s in self.tokenizer.decode(ids, skip_special_tokens=True) for s in stop_strings)
+        return lambda ids: any(
+            s in self.tokenizer.decode(ids, skip_special_tokens=True) for s in stop_strings
+        )
 
     # -- persistence ---------------------------------------------------------------------------------------
     def save_pretrained(self, path: str | os.PathLike) -> None:

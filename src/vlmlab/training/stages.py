@@ -59,8 +59,9 @@ def apply_stage(model: nn.Module, stage: Stage) -> list[dict]:
             p.requires_grad_(trains)
         if trains:
             params = [p for p in module.parameters()]
-            groups.append({"name": part, "params": params, "lr": stage.lr[part],
-                           "weight_decay": stage.weight_decay})
+            groups.append(
+                {"name": part, "params": params, "lr": stage.lr[part], "weight_decay": stage.weight_decay}
+            )
     return groups
 
 

@@ -84,14 +84,23 @@ def seed_everything(seed: int) -> None:
 
 
 class Trainer:
-    def __init__(self, model: VisionLanguageModel, processor: Processor, stages: list[Stage], options: TrainOptions):
+    def __init__(
+        self, model: VisionLanguageModel, processor: Processor, stages: list[Stage], options: TrainOptions
+    ):
         self.model = model
         self.processor = processor
         self.stages = stages
         self.opt = options
         self.run_dir = Path(options.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.state = {"stage": 0, "step": 0, "global_step": 0, "attempted": 0, "bad_ids": [], "skipped_steps": 0}
+        self.state = {
+            "stage": 0,
+            "step": 0,
+            "global_step": 0,
+            "attempted": 0,
+            "bad_ids": [],
+            "skipped_steps": 0,
+        }
         self._stop_requested = False
 
     # -- public --------------------------------------------------------------------------------------------
@@ -134,7 +143,9 @@ class Trainer:
     # -- one stage -----------------------------------------------------------------------------------------
     def _run_stage(self, stage: Stage, saved: dict | None) -> bool:
         groups = apply_stage(self.model, stage)
-        log.info("stage %r: %d steps x %d samples", stage.name, stage.steps, stage.batch_size * stage.grad_accum)
+        log.info(
+            "stage %r: %d steps x %d samples", stage.name, stage.steps, stage.batch_size * stage.grad_accum
+        )
         for line in describe_groups(self.model, groups):
             log.info(line)
         optimizer = torch.optim.AdamW(groups, betas=stage.betas, weight_decay=stage.weight_decay)
@@ -142,16 +153,25 @@ class Trainer:
             optimizer, lambda s: lr_factor(s, stage.steps, stage.warmup_steps)
         )
         if saved is not None:
-            optimizer.load_state_dict(optimizer_state_from_tensors(saved["optimizer"], saved["optimizer_meta"]))
+            optimizer.load_state_dict(
+                optimizer_state_from_tensors(saved["optimizer"], saved["optimizer_meta"])
+            )
             scheduler.load_state_dict(saved["scheduler"])
         records = load_stage_records(stage.data, self.opt.data_root, stage.tasks)
         if not records:
-            raise TrainingError(f"stage {stage.name!r}: no records in {list(stage.data)} (tasks {stage.tasks})")
+            raise TrainingError(
+                f"stage {stage.name!r}: no records in {list(stage.data)} (tasks {stage.tasks})"
+            )
         dataset = SupervisedDataset(records, self.processor)
         metrics = JsonlWriter(self.run_dir / "metrics.jsonl")
         quarantine = JsonlWriter(self.run_dir / "quarantine.jsonl")
-        bar = tqdm(total=stage.steps, initial=self.state["step"], desc=stage.name, disable=not self.opt.progress,
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=stage.steps,
+            initial=self.state["step"],
+            desc=stage.name,
+            disable=not self.opt.progress,
+            dynamic_ncols=True,
+        )
         nonfinite = 0
         self.model.train()
         try:
@@ -172,8 +192,11 @@ class Trainer:
                     # RELIABILITY T4: a non-finite step changes nothing; several in a row mean a broken run.
                     nonfinite += 1
                     self.state["skipped_steps"] += 1
-                    log.warning("stage %r step %d: non-finite loss or gradient, step skipped",
-                                stage.name, self.state["step"])
+                    log.warning(
+                        "stage %r step %d: non-finite loss or gradient, step skipped",
+                        stage.name,
+                        self.state["step"],
+                    )
                     if nonfinite >= MAX_CONSECUTIVE_NONFINITE:
                         raise TrainingError(f"stage {stage.name!r}: {nonfinite} consecutive non-finite steps")
                 optimizer.zero_grad(set_to_none=True)
@@ -181,9 +204,17 @@ class Trainer:
                 self.state["global_step"] += 1
                 dt = time.perf_counter() - t0
                 lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
-                metrics.write({"stage": stage.name, "step": self.state["step"],
-                               "global_step": self.state["global_step"], "loss": loss, "grad_norm": grad_norm,
-                               "lr": lrs, "samples_per_s": n_samples / dt if dt > 0 else 0.0})
+                metrics.write(
+                    {
+                        "stage": stage.name,
+                        "step": self.state["step"],
+                        "global_step": self.state["global_step"],
+                        "loss": loss,
+                        "grad_norm": grad_norm,
+                        "lr": lrs,
+                        "samples_per_s": n_samples / dt if dt > 0 else 0.0,
+                    }
+                )
                 bar.set_postfix(loss=f"{loss:.3f}", sps=f"{n_samples / dt:.0f}")
                 bar.update(1)
                 end_of_stage = self.state["step"] == stage.steps
@@ -200,7 +231,9 @@ class Trainer:
             quarantine.close()
         return True
 
-    def _accumulate(self, stage: Stage, dataset: SupervisedDataset, quarantine: JsonlWriter) -> tuple[float, int]:
+    def _accumulate(
+        self, stage: Stage, dataset: SupervisedDataset, quarantine: JsonlWriter
+    ) -> tuple[float, int]:
         """Forward/backward ``grad_accum`` micro-batches; returns the mean loss and the samples used."""
         total, used = 0.0, 0
         for micro in range(stage.grad_accum):
@@ -217,8 +250,12 @@ class Trainer:
                 continue
             batch = self.processor.collate(samples)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.opt.bf16):
-                out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                 pixel_values=batch["pixel_values"], labels=batch["labels"])
+                out = self.model(
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    pixel_values=batch["pixel_values"],
+                    labels=batch["labels"],
+                )
             (out.loss / stage.grad_accum).backward()
             total += out.loss.item() / stage.grad_accum
             used += len(samples)
@@ -255,8 +292,13 @@ class Trainer:
     def _save(self, optimizer, scheduler, stage_done: bool) -> None:
         opt_tensors, opt_meta = optimizer_state_to_tensors(optimizer.state_dict())
         rng_tensors, rng_meta = rng_state()
-        state = {"trainer": dict(self.state), "optimizer_meta": opt_meta, "scheduler": scheduler.state_dict(),
-                 "rng_meta": rng_meta, "stage_done": stage_done}
+        state = {
+            "trainer": dict(self.state),
+            "optimizer_meta": opt_meta,
+            "scheduler": scheduler.state_dict(),
+            "rng_meta": rng_meta,
+            "stage_done": stage_done,
+        }
         path = self.ckpt_dir / f"{CKPT_PREFIX}{self.state['global_step']}"
         save_checkpoint(
             path,
@@ -270,7 +312,7 @@ class Trainer:
     def _checkpoints(self) -> list[tuple[int, Path]]:
         out = []
         for p in self.ckpt_dir.glob(f"{CKPT_PREFIX}*"):
-            suffix = p.name[len(CKPT_PREFIX):]
+            suffix = p.name[len(CKPT_PREFIX) :]
             if suffix.isdigit():
                 out.append((int(suffix), p))
         return out
@@ -294,16 +336,24 @@ class Trainer:
             # The checkpoint closed its stage: continue with a fresh optimizer for the next one.
             self.state.update(stage=self.state["stage"] + 1, step=0)
             return None
-        return {"optimizer": tensors["optimizer"], "optimizer_meta": state["optimizer_meta"],
-                "scheduler": state["scheduler"]}
+        return {
+            "optimizer": tensors["optimizer"],
+            "optimizer_meta": state["optimizer_meta"],
+            "scheduler": state["scheduler"],
+        }
 
     # -- reporting -----------------------------------------------------------------------------------------
     def _write_run_json(self) -> None:
-        atomic_write_json(self.run_dir / "run.json", {
-            "model": self.model.config.to_dict(),
-            "stages": [dataclasses.asdict(s) for s in self.stages],
-            "options": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self.opt).items()},
-        })
+        atomic_write_json(
+            self.run_dir / "run.json",
+            {
+                "model": self.model.config.to_dict(),
+                "stages": [dataclasses.asdict(s) for s in self.stages],
+                "options": {
+                    k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self.opt).items()
+                },
+            },
+        )
 
     def _plot(self) -> None:
         from vlmlab.training.plot import plot_losses
@@ -319,7 +369,9 @@ def _attach_log_file(path: Path) -> logging.FileHandler | None:
     """Add a handler writing to ``path``; returns it (None when one is already attached)."""
     root = logging.getLogger("vlmlab")
     root.setLevel(logging.INFO)
-    if not any(isinstance(h, logging.FileHandler) and h.baseFilename == str(path.resolve()) for h in root.handlers):
+    if not any(
+        isinstance(h, logging.FileHandler) and h.baseFilename == str(path.resolve()) for h in root.handlers
+    ):
         h = logging.FileHandler(path)
         h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         root.addHandler(h)

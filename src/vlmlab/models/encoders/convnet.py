@@ -52,11 +52,10 @@ class ConvNetTower(nn.Module):
             stages.append(_stage(c_in, c, norm))
             c_in = c
         self.stages = nn.Sequential(*stages)
-        self.downsample = 2 ** len(channels) * self.pool
-        # Optional colour shortcut: each token also carries the mean RGB of its image cell (see module docstring).
-        self.cell_colour = bool(config.params.get("cell_colour", False))
+        # A global token (the mean feature over the whole map) first: a fixed place to read whole-image
+        # attributes (colour, shape of a single object) from, next to the spatial tokens.
         self.global_token = bool(config.params.get("global_token", False))
-        self.hidden_size = c_in + 3 * self.cell_colour
+        self.hidden_size = c_in
         side = config.image_size // (2 ** len(channels)) // self.pool
         self.num_tokens = side * side + int(self.global_token)
 
@@ -65,11 +64,7 @@ class ConvNetTower(nn.Module):
         g = x.mean(dim=(2, 3))[:, None]  # [B, 1, D]
         if self.pool > 1:
             x = nn.functional.avg_pool2d(x, self.pool)
-        if self.cell_colour:
-            x = torch.cat([x, nn.functional.avg_pool2d(pixel_values, self.downsample)], dim=1)
         tokens = x.flatten(2).transpose(1, 2)  # [B, H'W', D], row-major
         if self.global_token:
-            if self.cell_colour:
-                g = torch.cat([g, pixel_values.mean(dim=(2, 3))[:, None]], dim=-1)
             tokens = torch.cat([g, tokens], dim=1)
         return tokens
