@@ -155,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="world", help="output directory (default: world)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--train", type=_positive_int, default=4000, help="train records per task")
-    s.add_argument("--captions", type=int, default=8000, help="train caption records (the align stage's data)")
+    s.add_argument(
+        "--captions", type=int, default=8000, help="train caption records (the align stage's data)"
+    )
     s.add_argument("--val", type=_positive_int, default=100, help="val records per task")
     s.add_argument("--test", type=_positive_int, default=200, help="test records per task")
     s.set_defaults(fn=cmd_world)
