@@ -190,3 +190,34 @@ def test_loading_does_not_mutate_the_callers_config(tokenizer):
     before = cfg.to_dict()
     VisionLanguageModel(cfg, load_pretrained=False)
     assert cfg.to_dict() == before
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral"])
+def test_any_hf_causal_decoder_text_only_equals_bare_lm(tokenizer, model_type):
+    from vlmlab.config import LanguageConfig
+
+    params = {k: v for k, v in LLAMA.items() if k != "bos_token_id"}
+    model, proc = make_model(tokenizer, language=LanguageConfig(model_type=model_type, params=params))
+    assert model.language.config.model_type == model_type
+    batch = proc([[{"role": "user", "content": "What shape is this?"}], [{"role": "user", "content": "Where?"}]])
+    ours = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    bare = model.language(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=(batch["attention_mask"].cumsum(-1) - 1).clamp(min=0),
+    ).logits
+    assert torch.equal(ours, bare)
+    # And with an image, the model still runs end to end.
+    enc = proc.encode(conversation(), [Image.new("RGB", (20, 20), "green")], train=True)
+    assert torch.isfinite(model(**proc.collate([enc])).loss)
+
+
+def test_bf16_autocast_forward_backward(tiny_model):
+    model, proc = tiny_model
+    enc = proc.encode(conversation(), [Image.new("RGB", (32, 32), "red")], train=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**proc.collate([enc]))
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+    assert model.connector.layers[0].weight.grad is not None

@@ -70,7 +70,7 @@ def tiny() -> Preset:
             warmup_steps=30,
         ),
         # Vision-language pretraining on the whole mix (captions + questions), the tower still learning.
-        Stage(name="pretrain", train=everything, lr=lr, steps=600, batch_size=32, warmup_steps=30),
+        Stage(name="pretrain", train=everything, lr=lr, steps=900, batch_size=32, warmup_steps=30),
         # Instruction tuning with the tower frozen (LLaVA's stage 2): the LM learns to read what the tower keeps.
         Stage(
             name="instruct",
