@@ -63,14 +63,14 @@ def test_unknown_stage_lists_the_preset_stages(capsys, tmp_path):
             "--preset",
             "tiny",
             "--stages",
-            "pretrain",
+            "finetune",
             "--data",
             str(tmp_path),
             "--run-dir",
             str(tmp_path / "r"),
         ],
     )
-    assert "pretrain" in line and "align" in line and "instruct" in line
+    assert "finetune" in line and "align" in line and "pretrain" in line and "instruct" in line
 
 
 def test_chat_with_a_missing_image_names_the_file(capsys, checkpoint, tmp_path):

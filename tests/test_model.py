@@ -199,7 +199,9 @@ def test_any_hf_causal_decoder_text_only_equals_bare_lm(tokenizer, model_type):
     params = {k: v for k, v in LLAMA.items() if k != "bos_token_id"}
     model, proc = make_model(tokenizer, language=LanguageConfig(model_type=model_type, params=params))
     assert model.language.config.model_type == model_type
-    batch = proc([[{"role": "user", "content": "What shape is this?"}], [{"role": "user", "content": "Where?"}]])
+    batch = proc(
+        [[{"role": "user", "content": "What shape is this?"}], [{"role": "user", "content": "Where?"}]]
+    )
     ours = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     bare = model.language(
         input_ids=batch["input_ids"],

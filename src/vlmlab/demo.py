@@ -4,12 +4,11 @@ plot, eval.json / eval.md, the final model in ``model/``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import time
 from pathlib import Path
-
-import torch
 
 from vlmlab.api import build, save
 from vlmlab.data.dataset import load_stage_records
@@ -28,23 +27,27 @@ DEMO_WORLD = {
 }
 
 
-def run_demo(run_dir: Path, world_dir: Path, seed: int = 0, progress: bool = True) -> dict:
+def run_demo(
+    run_dir: Path,
+    world_dir: Path,
+    seed: int = 0,
+    progress: bool = True,
+    world: dict | None = None,
+    steps: int | None = None,
+) -> dict:
+    """Run the demo; ``world`` (sizes for ``build_world``) and ``steps`` (every stage) shrink it for tests."""
     t0 = time.perf_counter()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     print(f"[1/4] building the embedded world in {world_dir}")
-    build_world(world_dir, seed=seed, **DEMO_WORLD)
+    build_world(world_dir, seed=seed, **(world or DEMO_WORLD))
     if run_dir.exists():
         shutil.rmtree(run_dir)
     preset = PRESETS["tiny"]()
+    recipe = [dataclasses.replace(s, steps=steps) for s in preset.recipe] if steps else preset.recipe
     model, processor = build(preset)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"[2/4] training tiny ({n_params / 1e6:.2f} M params) through {[s.name for s in preset.recipe]}")
-    Trainer(
-        model,
-        processor,
-        preset.recipe,
-        TrainOptions(run_dir=run_dir, data_root=world_dir, seed=seed, progress=progress),
-    ).fit()
+    print(f"[2/4] training tiny ({n_params / 1e6:.2f} M params) through {[s.name for s in recipe]}")
+    options = TrainOptions(run_dir=run_dir, data_root=world_dir, seed=seed, progress=progress)
+    Trainer(model, processor, recipe, options).fit()
     save(model, processor, run_dir / "model")
     t_train = time.perf_counter() - t0
     print(f"[3/4] evaluating on the test split (with the blind baseline)  [{t_train:.0f} s so far]")
