@@ -165,3 +165,52 @@ def test_eval_happy_path_writes_results(capsys, checkpoint, tmp_path):
     result = json.loads((out / "eval.json").read_text())
     assert sum(t["n"] for t in result["tasks"].values()) == 6
     assert "| task | n | accuracy |" in captured.out and str(out / "eval.json") in captured.out
+
+
+def test_world_train_resume_eval_chat_from_the_command_line(capsys, tmp_path):
+    """The README's command sequence, shrunk: world -> train (stopped early) -> train --resume -> eval -> chat."""
+    world, run = tmp_path / "world", tmp_path / "run"
+    assert (
+        main(["world", "--out", str(world), "--train", "4", "--val", "1", "--test", "2", "--captions", "8"])
+        == 0
+    )
+    assert json.loads((world / "world.json").read_text())["counts"]["train"]["caption"] == 8
+    argv = [
+        "train",
+        "--preset",
+        "tiny",
+        "--data",
+        str(world),
+        "--run-dir",
+        str(run),
+        "--steps",
+        "2",
+        "--lr",
+        "vision=1e-4",
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    logged = json.loads((run / "run.json").read_text())
+    assert [s["lr"].get("vision") for s in logged["stages"]] == [1e-4, 1e-4, None]
+    assert (run / "checkpoints" / "step-6").is_dir()
+    # Resuming a finished run trains nothing more and keeps the same final checkpoint.
+    assert main([*argv, "--resume"]) == 0
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 6
+    ckpt = run / "checkpoints" / "step-6"
+    assert main(["eval", "--checkpoint", str(ckpt), "--data", str(world), "--out", str(tmp_path / "ev")]) == 0
+    result = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert {t: v["n"] for t, v in result["tasks"].items()} == dict.fromkeys(
+        ["colour", "count", "position", "relation", "shape"], 2
+    )
+    img = next((world / "images" / "test").glob("test-colour-*.png"))
+    capsys.readouterr()
+    assert main(["chat", "--checkpoint", str(ckpt), "--image", str(img), "What color is the shape?"]) == 0
+    model, proc = vlmlab.load(ckpt)
+    assert capsys.readouterr().out == answer(model, proc, "What color is the shape?", images=[img]) + "\n"
+
+
+def test_bad_lr_override_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--data", "x", "--run-dir", "y", "--lr", "decoder=1e-4"])
+    assert e.value.code == 2
+    assert "PART=LR" in capsys.readouterr().err

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from vlmlab.models.language import cache_kwargs
+from vlmlab.models.language import cache_kwargs, returned_cache
 from vlmlab.models.vlm import positions_from_mask
 
 
@@ -56,13 +56,10 @@ def generate(
     """New token ids ``[B, T_new]``; a finished row (EOS or ``stop``) is filled with ``pad_token_id``."""
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    if eos_token_id is None:
+        eos_token_id = []
     eos = torch.tensor(
-        []
-        if eos_token_id is None
-        else [eos_token_id]
-        if isinstance(eos_token_id, int)
-        else list(eos_token_id),
-        device=input_ids.device,
+        [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=input_ids.device
     )
     B = input_ids.shape[0]
     embeds = model.embed(input_ids, pixel_values)  # [B, T, D]
@@ -95,7 +92,7 @@ def generate(
         tok_embeds = model.language.get_input_embeddings()(nxt[:, None])  # [B, 1, D]
         mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
         if use_cache:
-            past, step_embeds = out.past_key_values, tok_embeds
+            past, step_embeds = returned_cache(out), tok_embeds
         else:
             embeds = torch.cat([embeds, tok_embeds], dim=1)
             step_embeds = embeds
