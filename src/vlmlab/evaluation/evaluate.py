@@ -19,7 +19,7 @@ import torch
 
 from vlmlab.data.formats import Record
 from vlmlab.io import atomic_write_json, atomic_write_text
-from vlmlab.processing.processor import Processor
+from vlmlab.processing.processor import Processor, model_device, to_device
 from vlmlab.processing.transforms import blank_image
 
 
@@ -47,13 +47,14 @@ def predict(
     max_new_tokens: int = 8,
 ) -> list[str]:
     model.eval()
+    device = model_device(model)
     out: list[str] = []
     blank = blank_image(processor.config)
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
         convs = [split_prompt(r)[0] for r in chunk]
         images = [[blank] * len(r.images) if blind else r.images for r in chunk]
-        batch = processor(convs, images, add_generation_prompt=True)
+        batch = to_device(processor(convs, images, add_generation_prompt=True), device)
         new = model.generate(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 import torch
 
+from vlmlab.processing.processor import model_device, to_device
+
 
 def answer(
     model,
@@ -27,7 +29,7 @@ def answer(
     if missing > 0:
         question = placeholder * missing + "\n" + question
     messages = [*history, {"role": "user", "content": question}]
-    batch = processor([messages], [list(images)])
+    batch = to_device(processor([messages], [list(images)]), model_device(model))
     model.eval()
     new = model.generate(
         input_ids=batch["input_ids"],

@@ -62,7 +62,7 @@ def architecture_params(model: PreTrainedModel) -> dict:
 def returned_cache(output):
     """The KV cache a decoder returned (``cache`` in transformers >= 5.2x, ``past_key_values`` before)."""
     for name in ("cache", "past_key_values"):
-        if name in output.keys():
+        if name in output:
             return output[name]
     return None
 

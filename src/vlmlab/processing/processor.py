@@ -187,6 +187,18 @@ class Processor:
         return cls(tokenizer, config, settings["num_image_tokens"])
 
 
+def to_device(batch: dict, device: torch.device | str) -> dict:
+    """A processor batch with its tensors moved to ``device``."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def model_device(model) -> torch.device:
+    """The device of a model's parameters (the CPU for parameter-less stand-ins)."""
+    params = getattr(model, "parameters", None)
+    first = next(iter(params()), None) if params else None
+    return first.device if first is not None else torch.device("cpu")
+
+
 def _to_json(cfg: ProcessorConfig) -> dict:
     import dataclasses
 

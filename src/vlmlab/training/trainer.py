@@ -31,7 +31,7 @@ from vlmlab.data.dataset import SupervisedDataset, load_stage_records
 from vlmlab.errors import DataError, VlmlabError
 from vlmlab.io import JsonlWriter, atomic_write_json, atomic_write_text, read_jsonl
 from vlmlab.models.vlm import CONFIG_FILE, VisionLanguageModel
-from vlmlab.processing.processor import Processor
+from vlmlab.processing.processor import Processor, to_device
 from vlmlab.training.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -65,6 +65,8 @@ class TrainOptions:
     keep_checkpoints: int = 2
     max_bad_fraction: float = 0.01
     progress: bool = True
+    device: str | None = None
+    """Where to train (``cuda``, ``cpu``, ...); default: CUDA when available, else the CPU."""
     stop_after: int | None = None
     """Stop (with a checkpoint) after this many global steps: used to interrupt runs in tests."""
 
@@ -102,6 +104,7 @@ class Trainer:
             "skipped_steps": 0,
         }
         self._stop_requested = False
+        self.device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     # -- public --------------------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict:
@@ -116,6 +119,7 @@ class Trainer:
 
     def _fit(self, resume: bool) -> dict:
         seed_everything(self.opt.seed)
+        self.model.to(self.device)
         ckpt = latest_checkpoint(self.ckpt_dir, prefix=CKPT_PREFIX) if resume else None
         saved: dict | None = None
         if resume and ckpt is None:
@@ -248,8 +252,8 @@ class Trainer:
                     self._quarantine(dataset.records[idx].id, str(e), stage, quarantine)
             if not samples:
                 continue
-            batch = self.processor.collate(samples)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.opt.bf16):
+            batch = to_device(self.processor.collate(samples), self.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.opt.bf16):
                 out = self.model(
                     input_ids=batch["input_ids"],
                     attention_mask=batch["attention_mask"],
