@@ -223,3 +223,30 @@ def test_bf16_autocast_forward_backward(tiny_model):
     assert torch.isfinite(out.loss)
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
     assert model.connector.layers[0].weight.grad is not None
+
+
+def test_pretrained_towers_and_lms_load_from_safetensors_only(tmp_path, tokenizer):
+    """A pretrained vision tower or decoder saved as safetensors loads; the same weights as a pickled .bin are
+    refused (loading a pickle can run code)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+    from vlmlab.config import LanguageConfig
+
+    torch.manual_seed(0)
+    tower_cfg = ENCODER_CONFIGS["clip"]
+    clip = CLIPVisionModel(CLIPVisionConfig(image_size=32, **tower_cfg.params))
+    lm = LlamaForCausalLM(LlamaConfig(**LLAMA))
+    clip.save_pretrained(tmp_path / "clip")
+    lm.save_pretrained(tmp_path / "lm")
+    vision = VisionConfig(name="clip", image_size=32, pretrained=str(tmp_path / "clip"))
+    model, _ = make_model(tokenizer, vision=vision, language=LanguageConfig(pretrained=str(tmp_path / "lm")))
+    for a, b in zip(model.language.parameters(), lm.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(model.vision.model.parameters(), clip.parameters()):
+        assert torch.equal(a, b)
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    lm.config.save_pretrained(pickled)
+    torch.save(lm.state_dict(), pickled / "pytorch_model.bin")
+    with pytest.raises(Exception, match="safetensors"):
+        make_model(tokenizer, language=LanguageConfig(pretrained=str(tmp_path / "pickled")))

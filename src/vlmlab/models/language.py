@@ -43,7 +43,10 @@ def resolve_pretrained(name: str) -> str:
 def build_language_model(config: LanguageConfig, load_pretrained: bool = True) -> PreTrainedModel:
     """The decoder for ``config``: its pretrained weights when asked, else random init from ``params``."""
     if load_pretrained and config.pretrained:
-        return AutoModelForCausalLM.from_pretrained(resolve_pretrained(config.pretrained), dtype="float32")
+        # safetensors only: a pickled .bin checkpoint can run code when loaded (RELIABILITY.md M1).
+        return AutoModelForCausalLM.from_pretrained(
+            resolve_pretrained(config.pretrained), dtype="float32", use_safetensors=True
+        )
     try:
         hf_config = AutoConfig.for_model(config.model_type, **config.params)
     except ValueError as e:

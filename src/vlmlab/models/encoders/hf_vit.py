@@ -31,7 +31,7 @@ class HFVisionTower(nn.Module):
         self.select_layer = config.select_layer
         self.select_feature = config.select_feature
         if config.pretrained:
-            self.model = model_cls.from_pretrained(config.pretrained)
+            self.model = model_cls.from_pretrained(config.pretrained, use_safetensors=True)
         else:
             hf_config = config_cls(image_size=config.image_size, **config.params)
             self.model = model_cls(hf_config)
