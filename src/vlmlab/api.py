@@ -28,6 +28,16 @@ def save(model: VisionLanguageModel, processor: Processor, path: str | os.PathLi
     processor.save_pretrained(path)
 
 
+def from_pretrained(path: str | os.PathLike) -> VisionLanguageModel:
+    """A model from a vlmlab directory or a transformers checkpoint directory (``llava``), as vlmlab's own
+    composition: transformers' weights are mapped onto vlmlab's parts, not wrapped."""
+    from vlmlab.interop.hf import HF_FORMATS, import_hf, is_hf_checkpoint
+
+    if is_hf_checkpoint(path):
+        return import_hf(path, HF_FORMATS)
+    return VisionLanguageModel.from_pretrained(path)
+
+
 def load(path: str | os.PathLike) -> tuple[VisionLanguageModel, Processor]:
     """Load a model directory or a training checkpoint (both hold the same files)."""
     path = Path(path)

@@ -18,7 +18,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from vlmlab.config import ModelConfig
-from vlmlab.errors import CheckpointError, SampleError
+from vlmlab.errors import CheckpointError, ConfigError, SampleError
 from vlmlab.models.connectors import CONNECTORS
 from vlmlab.models.encoders import ENCODERS
 from vlmlab.models.language import architecture_params, build_language_model, cache_kwargs
@@ -94,8 +94,17 @@ class VisionLanguageModel(nn.Module):
         return generate(self, input_ids, **kwargs)
 
     # -- persistence ---------------------------------------------------------------------------------------
-    def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write ``config.json`` and ``model.safetensors`` (tied weights stored once) into ``path``."""
+    def save_pretrained(self, path: str | os.PathLike, format: str = "vlmlab") -> None:
+        """``format="vlmlab"``: ``config.json`` + ``model.safetensors`` (tied weights stored once).
+        ``format="hf"``: a transformers checkpoint its own class loads (``llava`` for a CLIP/SigLIP tower with
+        the ``mlp2x_gelu`` connector)."""
+        if format == "hf":
+            from vlmlab.interop.hf import HF_FORMATS, export_hf
+
+            export_hf(self, path, HF_FORMATS, "llava")
+            return
+        if format != "vlmlab":
+            raise ConfigError(f"save_pretrained: format {format!r} is not one of ['vlmlab', 'hf']")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         (path / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2))

@@ -173,7 +173,7 @@ class Trainer:
             total=stage.steps,
             initial=self.state["step"],
             desc=stage.name,
-            disable=not self.opt.progress,
+            disable=None if self.opt.progress else True,  # None: tqdm hides itself when not on a terminal
             dynamic_ncols=True,
         )
         nonfinite = 0
@@ -221,6 +221,15 @@ class Trainer:
                 )
                 bar.set_postfix(loss=f"{loss:.3f}", sps=f"{n_samples / dt:.0f}")
                 bar.update(1)
+                if self.state["step"] % max(1, stage.steps // 10) == 0:  # a trace in train.log and CI logs
+                    log.info(
+                        "%s step %d/%d loss %.4f (%.0f samples/s)",
+                        stage.name,
+                        self.state["step"],
+                        stage.steps,
+                        loss,
+                        n_samples / dt if dt > 0 else 0.0,
+                    )
                 end_of_stage = self.state["step"] == stage.steps
                 periodic = self.opt.save_every and self.state["global_step"] % self.opt.save_every == 0
                 stop = self._stop_requested or self.state["global_step"] == self.opt.stop_after

@@ -1,0 +1,1 @@
+"""Moving models in and out of other formats: ``hf/`` holds one key map per transformers model type."""

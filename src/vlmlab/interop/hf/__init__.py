@@ -1,0 +1,15 @@
+"""transformers checkpoints in and out, one module per model type, chosen by ``config.json``'s ``model_type``.
+
+[Contract] An importer module provides ``config_from_hf(hf_config: dict) -> ModelConfig``, ``KEY_MAP`` (a list of
+``(transformers prefix, vlmlab prefix)`` pairs, applied to whole key prefixes) and ``export_config(model) -> dict``.
+Key maps are declarative and loading fails loudly on missing, unexpected or mis-shaped tensors.
+"""
+
+from vlmlab.interop.hf import llava
+from vlmlab.interop.hf.convert import export_hf, import_hf, is_hf_checkpoint
+from vlmlab.registry import Registry
+
+HF_FORMATS = Registry("transformers model type")
+HF_FORMATS["llava"] = llava
+
+__all__ = ["HF_FORMATS", "export_hf", "import_hf", "is_hf_checkpoint"]

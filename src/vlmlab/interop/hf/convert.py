@@ -1,0 +1,97 @@
+"""Generic transformers <-> vlmlab conversion driven by a model type's declarative key map."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from vlmlab.errors import CheckpointError
+
+CONFIG = "config.json"
+
+
+def is_hf_checkpoint(path: str | os.PathLike) -> bool:
+    """A transformers directory (its config.json names a ``model_type``), not a vlmlab one."""
+    f = Path(path) / CONFIG
+    if not f.is_file():
+        return False
+    try:
+        return "model_type" in json.loads(f.read_text())
+    except json.JSONDecodeError:
+        return False
+
+
+def _rename(key: str, key_map: list[tuple[str, str]]) -> str | None:
+    for src, dst in key_map:
+        if key.startswith(src):
+            return dst + key[len(src) :]
+    return None
+
+
+def read_hf_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a (possibly sharded) safetensors checkpoint; pickled ``.bin`` files are refused."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").is_file():
+        shards = ["model.safetensors"]
+    elif any(path.glob("*.bin")):
+        raise CheckpointError(
+            f"{path}: only pickled .bin weights; vlmlab loads safetensors only (convert first)"
+        )
+    else:
+        raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        f = path / shard
+        if not f.is_file():
+            raise CheckpointError(f"{f}: shard listed in the index is missing")
+        with safe_open(str(f), framework="pt") as sf:
+            for k in sf.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                tensors[k] = sf.get_tensor(k)
+    return tensors
+
+
+def import_hf(path: str | os.PathLike, formats) -> object:
+    """A ``VisionLanguageModel`` built from a transformers checkpoint directory (weights mapped, not wrapped)."""
+    from vlmlab.models.vlm import VisionLanguageModel
+
+    path = Path(path)
+    hf_config = json.loads((path / CONFIG).read_text())
+    fmt = formats[hf_config["model_type"]]
+    model = VisionLanguageModel(fmt.config_from_hf(hf_config), load_pretrained=False)
+    state = {}
+    for key, tensor in read_hf_tensors(path).items():
+        new = _rename(key, [*getattr(fmt, "IMPORT_ALIASES", []), *fmt.KEY_MAP])
+        if new is None:
+            raise CheckpointError(
+                f"{path}: unexpected tensor {key!r} for model type {hf_config['model_type']!r}"
+            )
+        state[new] = tensor
+    model.load_state_dict_strict(state, source=str(path))
+    return model
+
+
+def export_hf(model, path: str | os.PathLike, formats, model_type: str) -> None:
+    """Write ``config.json`` + ``model.safetensors`` that transformers loads with its own class."""
+    fmt = formats[model_type]
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    inverse = [(dst, src) for src, dst in fmt.KEY_MAP]
+    state, seen = {}, {}
+    for key, tensor in model.state_dict().items():
+        new = _rename(key, inverse)
+        if new is None:
+            raise CheckpointError(f"{model_type}: no transformers name for tensor {key!r}")
+        # Tied tensors (an LM head sharing the embedding) are written once, as transformers does.
+        if tensor.data_ptr() in seen and torch.equal(tensor, state[seen[tensor.data_ptr()]]):
+            continue
+        seen[tensor.data_ptr()] = new
+        state[new] = tensor.detach().contiguous().cpu()
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / CONFIG).write_text(json.dumps(fmt.export_config(model), indent=2))

@@ -1,0 +1,102 @@
+"""transformers ``llava`` (``LlavaForConditionalGeneration``): LLaVA-1.5 = CLIP/SigLIP tower, ``mlp2x_gelu``
+projector, any causal decoder (SYSTEMS.md §4). Reference: transformers ``models/llava/modeling_llava.py``.
+
+The tower returns ``hidden_states[vision_feature_layer]``; ``vision_feature_select_strategy`` "default" drops the
+CLS row (vlmlab ``select_feature="patch"``), "full" keeps it (``cls_patch``).
+"""
+
+from __future__ import annotations
+
+from vlmlab.config import ConnectorConfig, LanguageConfig, ModelConfig, ProcessorConfig, VisionConfig
+from vlmlab.errors import ConfigError
+
+# The on-disk layout transformers writes (5.x keeps 4.x's names in files); export uses it.
+KEY_MAP = [
+    ("vision_tower.", "vision.model."),
+    ("multi_modal_projector.linear_1.", "connector.layers.0."),
+    ("multi_modal_projector.linear_2.", "connector.layers.2."),
+    ("language_model.model.", "language.model."),
+    ("language_model.lm_head.", "language.lm_head."),
+]
+# Other layouts accepted on import, tried first: hub checkpoints (CLIPVisionModel's ``vision_model.`` level) and
+# transformers 5's in-memory names.
+IMPORT_ALIASES = [
+    ("vision_tower.vision_model.", "vision.model."),
+    ("model.vision_tower.", "vision.model."),
+    ("model.multi_modal_projector.linear_1.", "connector.layers.0."),
+    ("model.multi_modal_projector.linear_2.", "connector.layers.2."),
+    ("model.language_model.", "language.model."),
+    ("lm_head.", "language.lm_head."),
+]
+TOWERS = {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}
+STRATEGIES = {"default": "patch", "full": "cls_patch"}
+# Fields of a saved sub-config that describe the file, not the architecture.
+_NON_ARCH = ("model_type", "transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype")
+
+
+def _arch(d: dict) -> dict:
+    return {k: v for k, v in d.items() if k not in _NON_ARCH}
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+    vc, tc = hf["vision_config"], hf["text_config"]
+    tower = TOWERS.get(vc.get("model_type"))
+    if tower is None:
+        raise ConfigError(
+            f"llava: vision tower {vc.get('model_type')!r} is not supported; supported: {list(TOWERS)}"
+        )
+    layer = hf.get("vision_feature_layer", -2)
+    if not isinstance(layer, int):
+        raise ConfigError(f"llava: vision_feature_layer {layer!r} (several layers) is not supported")
+    strategy = hf.get("vision_feature_select_strategy", "default")
+    if strategy not in STRATEGIES:
+        raise ConfigError(
+            f"llava: vision_feature_select_strategy {strategy!r} is not one of {list(STRATEGIES)}"
+        )
+    if hf.get("projector_hidden_act", "gelu") != "gelu" or not hf.get("multimodal_projector_bias", True):
+        raise ConfigError("llava: only the gelu projector with biases (mlp2x_gelu) is supported")
+    vision_params = _arch(vc)
+    image_size = vision_params.pop("image_size")
+    return ModelConfig(
+        vision=VisionConfig(
+            name=tower,
+            image_size=image_size,
+            select_layer=layer,
+            select_feature=STRATEGIES[strategy],
+            params=vision_params,
+        ),
+        connector=ConnectorConfig(name="mlp2x_gelu"),
+        language=LanguageConfig(model_type=tc.get("model_type", "llama"), params=_arch(tc)),
+        processor=ProcessorConfig(image_size=image_size),
+        image_token_id=hf["image_token_index"],
+        preset="llava-1.5",
+    )
+
+
+def export_config(model) -> dict:
+    """The transformers ``LlavaConfig`` of a vlmlab model (tower clip/siglip, connector mlp2x_gelu)."""
+    from transformers import AutoConfig, LlavaConfig
+
+    cfg = model.config
+    tower = {v: k for k, v in TOWERS.items()}.get(cfg.vision.name)
+    if tower is None or cfg.connector.name != "mlp2x_gelu":
+        raise ConfigError(
+            f"format='hf' (llava) needs a clip or siglip tower and the mlp2x_gelu connector, "
+            f"not {cfg.vision.name!r} + {cfg.connector.name!r}"
+        )
+    vision = AutoConfig.for_model(tower, image_size=cfg.vision.image_size, **cfg.vision.params)
+    text = AutoConfig.for_model(cfg.language.model_type, **cfg.language.params)
+    strategy = {v: k for k, v in STRATEGIES.items()}[cfg.vision.select_feature]
+    hf = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=cfg.image_token_id,
+        image_seq_length=model.num_image_tokens,
+        vision_feature_layer=cfg.vision.select_layer,
+        vision_feature_select_strategy=strategy,
+        projector_hidden_act="gelu",
+        tie_word_embeddings=text.tie_word_embeddings,
+    )
+    d = hf.to_dict()
+    d["architectures"] = ["LlavaForConditionalGeneration"]
+    return d
