@@ -34,3 +34,14 @@ def test_demo_leaves_its_run(tmp_path, capsys):
     assert model.config.preset == "tiny"
     out = capsys.readouterr().out
     assert "Q: What shape is this?" in out and "vision gain" in out
+
+
+def test_demo_is_reproducible(tmp_path, capsys):
+    """Same seed, same run: the initial weights are seeded too, so the losses repeat exactly."""
+    world = {"n_per_task": {"train": 4, "val": 1, "test": 1}, "n_captions": {"train": 8, "val": 0, "test": 0}}
+    losses = []
+    for name in ("a", "b"):
+        run_demo(tmp_path / name, tmp_path / "world", world=world, steps=2, progress=False)
+        rows = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        losses.append([json.loads(r)["loss"] for r in rows])
+    assert losses[0] == losses[1] and len(losses[0]) == 6

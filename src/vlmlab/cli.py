@@ -62,7 +62,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from vlmlab.api import build
     from vlmlab.errors import ConfigError
     from vlmlab.presets import PRESETS
-    from vlmlab.training.trainer import Trainer, TrainOptions
+    from vlmlab.training.trainer import Trainer, TrainOptions, seed_everything
 
     preset = PRESETS[args.preset]()
     stages = preset.recipe
@@ -81,6 +81,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         stages = [
             dataclasses.replace(s, lr={**s.lr, **{k: v for k, v in args.lr if k in s.train}}) for s in stages
         ]
+    seed_everything(args.seed)  # the initial weights are part of the run: same seed, same numbers
     model, processor = build(preset)
     trainer = Trainer(
         model,

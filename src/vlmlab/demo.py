@@ -16,7 +16,7 @@ from vlmlab.data.world import build_world
 from vlmlab.evaluation.evaluate import evaluate, markdown_table, split_prompt, write_results
 from vlmlab.inference.chat import answer
 from vlmlab.presets import PRESETS
-from vlmlab.training.trainer import Trainer, TrainOptions
+from vlmlab.training.trainer import Trainer, TrainOptions, seed_everything
 
 log = logging.getLogger("vlmlab.demo")
 
@@ -43,6 +43,7 @@ def run_demo(
         shutil.rmtree(run_dir)
     preset = PRESETS["tiny"]()
     recipe = [dataclasses.replace(s, steps=steps) for s in preset.recipe] if steps else preset.recipe
+    seed_everything(seed)  # the initial weights are part of the run: same seed, same numbers
     model, processor = build(preset)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"[2/4] training tiny ({n_params / 1e6:.2f} M params) through {[s.name for s in recipe]}")
