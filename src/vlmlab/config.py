@@ -64,6 +64,9 @@ class ProcessorConfig:
     image_std: tuple[float, float, float] = CLIP_STD
     pad_to_square: bool = False
     """LLaVA-1.5 ``expand2square``: pad to a square with the mean colour before resizing."""
+    resize: str = "squash"
+    """``squash``: resize to ``image_size`` squared (aspect not kept); ``shortest_edge_crop``: CLIP's resize of the
+    shorter side to ``image_size`` then a centre crop (transformers' ``CLIPImageProcessor``, bit for bit)."""
     image_token: str = "<image>"
     """Placeholder written in prompts; expanded to one token per visual feature row."""
     max_length: int = 2048

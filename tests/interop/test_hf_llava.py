@@ -136,3 +136,29 @@ def test_bad_checkpoints_fail_with_one_line(tmp_path):
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UnknownNameError, match="paligemma.*llava"):
         vlmlab.from_pretrained(path)
+
+
+def test_imported_preprocessing_matches_the_checkpoints_image_processor(tmp_path):
+    """With the checkpoint's preprocessor_config.json, vlmlab's pixels (and so its logits) equal transformers'."""
+    import numpy as np
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+
+    from vlmlab.processing.transforms import image_to_tensor
+
+    hf, path = hf_llava(tmp_path)
+    proc = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    proc.save_pretrained(path)
+    ours = vlmlab.from_pretrained(path).eval()
+    assert ours.config.processor.resize == "shortest_edge_crop" and ours.config.processor.image_size == 32
+    rng = np.random.default_rng(0)
+    images = [
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in [(50, 30), (20, 90)]
+    ]
+    ref_pixels = proc(images=images, return_tensors="pt")["pixel_values"]
+    our_pixels = torch.stack([image_to_tensor(im, ours.config.processor) for im in images])
+    assert torch.equal(our_pixels, ref_pixels)
+    b = batch()
+    b["pixel_values"] = torch.cat([ref_pixels, ref_pixels[:1]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**b).logits, hf(**b).logits, atol=1e-4, rtol=1e-4)

@@ -64,7 +64,9 @@ def import_hf(path: str | os.PathLike, formats) -> object:
     path = Path(path)
     hf_config = json.loads((path / CONFIG).read_text())
     fmt = formats[hf_config["model_type"]]
-    model = VisionLanguageModel(fmt.config_from_hf(hf_config), load_pretrained=False)
+    pre = path / "preprocessor_config.json"
+    preprocessor = json.loads(pre.read_text()) if pre.is_file() else None
+    model = VisionLanguageModel(fmt.config_from_hf(hf_config, preprocessor), load_pretrained=False)
     state = {}
     for key, tensor in read_hf_tensors(path).items():
         new = _rename(key, [*getattr(fmt, "IMPORT_ALIASES", []), *fmt.KEY_MAP])

@@ -7,7 +7,15 @@ CLS row (vlmlab ``select_feature="patch"``), "full" keeps it (``cls_patch``).
 
 from __future__ import annotations
 
-from vlmlab.config import ConnectorConfig, LanguageConfig, ModelConfig, ProcessorConfig, VisionConfig
+from vlmlab.config import (
+    CLIP_MEAN,
+    CLIP_STD,
+    ConnectorConfig,
+    LanguageConfig,
+    ModelConfig,
+    ProcessorConfig,
+    VisionConfig,
+)
 from vlmlab.errors import ConfigError
 
 # The on-disk layout transformers writes (5.x keeps 4.x's names in files); export uses it.
@@ -38,7 +46,21 @@ def _arch(d: dict) -> dict:
     return {k: v for k, v in d.items() if k not in _NON_ARCH}
 
 
-def config_from_hf(hf: dict) -> ModelConfig:
+def processor_from_hf(image_size: int, preprocessor: dict | None) -> ProcessorConfig:
+    """Image settings from ``preprocessor_config.json`` (CLIP: shortest-edge resize + centre crop)."""
+    if not preprocessor:
+        return ProcessorConfig(image_size=image_size, resize="shortest_edge_crop")
+    crop = preprocessor.get("crop_size") or {}
+    side = crop.get("height", image_size) if isinstance(crop, dict) else int(crop)
+    return ProcessorConfig(
+        image_size=side,
+        image_mean=tuple(preprocessor.get("image_mean", CLIP_MEAN)),
+        image_std=tuple(preprocessor.get("image_std", CLIP_STD)),
+        resize="shortest_edge_crop" if preprocessor.get("do_center_crop", True) else "squash",
+    )
+
+
+def config_from_hf(hf: dict, preprocessor: dict | None = None) -> ModelConfig:
     vc, tc = hf["vision_config"], hf["text_config"]
     tower = TOWERS.get(vc.get("model_type"))
     if tower is None:
@@ -67,7 +89,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         ),
         connector=ConnectorConfig(name="mlp2x_gelu"),
         language=LanguageConfig(model_type=tc.get("model_type", "llama"), params=_arch(tc)),
-        processor=ProcessorConfig(image_size=image_size),
+        processor=processor_from_hf(image_size, preprocessor),
         image_token_id=hf["image_token_index"],
         preset="llava-1.5",
     )
