@@ -239,10 +239,23 @@ def test_pretrained_towers_and_lms_load_from_safetensors_only(tmp_path, tokenize
     clip.save_pretrained(tmp_path / "clip")
     lm.save_pretrained(tmp_path / "lm")
     vision = VisionConfig(name="clip", image_size=32, pretrained=str(tmp_path / "clip"))
-    model, _ = make_model(tokenizer, vision=vision, language=LanguageConfig(pretrained=str(tmp_path / "lm")))
+    model, proc = make_model(
+        tokenizer, vision=vision, language=LanguageConfig(pretrained=str(tmp_path / "lm"))
+    )
     for a, b in zip(model.language.parameters(), lm.parameters()):
         assert torch.equal(a, b)
     for a, b in zip(model.vision.model.parameters(), clip.parameters()):
+        assert torch.equal(a, b)
+    # The saved model is self-contained: it loads after its pretrained sources are gone.
+    import shutil
+
+    import vlmlab
+
+    vlmlab.save(model, proc, tmp_path / "saved")
+    shutil.rmtree(tmp_path / "clip")
+    shutil.rmtree(tmp_path / "lm")
+    again, _ = vlmlab.load(tmp_path / "saved")
+    for a, b in zip(again.parameters(), model.parameters()):
         assert torch.equal(a, b)
     pickled = tmp_path / "pickled"
     pickled.mkdir()

@@ -8,6 +8,7 @@ so text-only input gives exactly the bare LM's logits.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -34,9 +35,16 @@ class VisionLanguageModel(nn.Module):
     def __init__(self, config: ModelConfig, load_pretrained: bool = True):
         super().__init__()
         config = copy.deepcopy(config)  # loading never mutates the caller's config
-        self.vision = ENCODERS[config.vision.name](config.vision)
+        # Without load_pretrained (e.g. loading a checkpoint) nothing is read from the pretrained sources: the
+        # architecture comes from the recorded params and the weights from the checkpoint.
+        vision_config = (
+            config.vision if load_pretrained else dataclasses.replace(config.vision, pretrained=None)
+        )
+        self.vision = ENCODERS[config.vision.name](vision_config)
         self.language = build_language_model(config.language, load_pretrained)
-        # Record the decoder's full architecture so the checkpoint rebuilds without the pretrained source.
+        # Record full architectures so the checkpoint rebuilds without the pretrained sources.
+        if hasattr(self.vision, "architecture_params"):
+            config.vision.params = self.vision.architecture_params()
         config.language.params = architecture_params(self.language)
         config.language.model_type = self.language.config.model_type
         d_lm = self.language.config.hidden_size

@@ -45,6 +45,11 @@ class HFVisionTower(nn.Module):
         keep_cls = self.has_cls and self.select_feature == "cls_patch"
         self.num_tokens = n_patches + int(keep_cls)
 
+    def architecture_params(self) -> dict:
+        """The tower's transformers config as ``params`` (``image_size`` is the VisionConfig's own field)."""
+        skip = {"image_size", "model_type", "transformers_version", "architectures", "_name_or_path", "dtype"}
+        return {k: v for k, v in self.model.config.to_dict().items() if k not in skip}
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         out = self.model(pixel_values=pixel_values, output_hidden_states=True)
         feats = out.hidden_states[self.select_layer]  # [B, (1 +) N_patch, D]
