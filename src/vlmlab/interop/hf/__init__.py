@@ -1,4 +1,5 @@
-"""transformers checkpoints in and out, one module per model type, chosen by ``config.json``'s ``model_type``.
+"""Checkpoints in and out, one module per ``config.json`` ``model_type``: transformers' own (``llava``) and the
+original repositories' (``llava_llama``, haotian-liu/LLaVA).
 
 [Contract] An importer module provides ``config_from_hf(hf_config: dict) -> ModelConfig``, ``KEY_MAP`` (a list of
 ``(transformers prefix, vlmlab prefix)`` pairs, applied to whole key prefixes) and ``export_config(model) -> dict``.
@@ -7,9 +8,11 @@ Key maps are declarative and loading fails loudly on missing, unexpected or mis-
 
 from vlmlab.interop.hf import llava
 from vlmlab.interop.hf.convert import export_hf, import_hf, is_hf_checkpoint
+from vlmlab.interop.original import llava as original_llava
 from vlmlab.registry import Registry
 
 HF_FORMATS = Registry("transformers model type")
 HF_FORMATS["llava"] = llava
+HF_FORMATS["llava_llama"] = original_llava
 
 __all__ = ["HF_FORMATS", "export_hf", "import_hf", "is_hf_checkpoint"]

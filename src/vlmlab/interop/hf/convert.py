@@ -67,8 +67,11 @@ def import_hf(path: str | os.PathLike, formats) -> object:
     pre = path / "preprocessor_config.json"
     preprocessor = json.loads(pre.read_text()) if pre.is_file() else None
     model = VisionLanguageModel(fmt.config_from_hf(hf_config, preprocessor), load_pretrained=False)
+    tensors = read_hf_tensors(path)
+    if hasattr(fmt, "extra_tensors"):  # e.g. a vision tower stored beside the checkpoint
+        tensors.update(fmt.extra_tensors(path, hf_config, tensors))
     state = {}
-    for key, tensor in read_hf_tensors(path).items():
+    for key, tensor in tensors.items():
         new = _rename(key, [*getattr(fmt, "IMPORT_ALIASES", []), *fmt.KEY_MAP])
         if new is None:
             raise CheckpointError(
