@@ -94,6 +94,23 @@ class ModelConfig:
         return from_dict(cls, d, "config")
 
 
+# Fields of a saved transformers config that describe the file, not the architecture.
+NON_ARCH_KEYS = (
+    "model_type",
+    "transformers_version",
+    "architectures",
+    "_name_or_path",
+    "dtype",
+    "torch_dtype",
+    "quantization_config",
+)
+
+
+def architecture_fields(d: dict[str, Any], drop: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A transformers config dict as plain ``params``: file metadata (and ``drop``) removed."""
+    return {k: v for k, v in d.items() if k not in NON_ARCH_KEYS and k not in drop}
+
+
 def from_dict(cls: type, d: Any, where: str) -> Any:
     """Build a (nested) dataclass from a plain dict, naming the offending field on bad input."""
     if not isinstance(d, dict):

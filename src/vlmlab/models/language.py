@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from vlmlab.config import LanguageConfig
+from vlmlab.config import LanguageConfig, architecture_fields
 from vlmlab.errors import ConfigError
 from vlmlab.registry import Registry
 
@@ -27,9 +27,6 @@ def _smollm2_dir() -> str:
 # Names a preset can use for ``LanguageConfig.pretrained`` besides a plain directory path.
 PRETRAINED_LMS: Registry = Registry("pretrained language model")
 PRETRAINED_LMS["smollm2-135m-instruct"] = _smollm2_dir
-
-# Config fields that describe a saved file rather than the architecture.
-_NON_ARCH_KEYS = ("transformers_version", "architectures", "_name_or_path", "quantization_config")
 
 
 def resolve_pretrained(name: str) -> str:
@@ -56,10 +53,7 @@ def build_language_model(config: LanguageConfig, load_pretrained: bool = True) -
 
 def architecture_params(model: PreTrainedModel) -> dict:
     """The decoder's config as plain ``params`` that rebuild the same architecture without weights."""
-    d = model.config.to_dict()
-    for k in (*_NON_ARCH_KEYS, "model_type"):
-        d.pop(k, None)
-    return d
+    return architecture_fields(model.config.to_dict())
 
 
 def returned_cache(output):

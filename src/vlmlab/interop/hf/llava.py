@@ -15,6 +15,7 @@ from vlmlab.config import (
     ModelConfig,
     ProcessorConfig,
     VisionConfig,
+    architecture_fields,
 )
 from vlmlab.errors import ConfigError
 
@@ -38,12 +39,6 @@ IMPORT_ALIASES = [
 ]
 TOWERS = {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}
 STRATEGIES = {"default": "patch", "full": "cls_patch"}
-# Fields of a saved sub-config that describe the file, not the architecture.
-_NON_ARCH = ("model_type", "transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype")
-
-
-def _arch(d: dict) -> dict:
-    return {k: v for k, v in d.items() if k not in _NON_ARCH}
 
 
 def processor_from_hf(image_size: int, preprocessor: dict | None) -> ProcessorConfig:
@@ -77,7 +72,7 @@ def config_from_hf(hf: dict, preprocessor: dict | None = None) -> ModelConfig:
         )
     if hf.get("projector_hidden_act", "gelu") != "gelu" or not hf.get("multimodal_projector_bias", True):
         raise ConfigError("llava: only the gelu projector with biases (mlp2x_gelu) is supported")
-    vision_params = _arch(vc)
+    vision_params = architecture_fields(vc)
     image_size = vision_params.pop("image_size")
     return ModelConfig(
         vision=VisionConfig(
@@ -88,7 +83,7 @@ def config_from_hf(hf: dict, preprocessor: dict | None = None) -> ModelConfig:
             params=vision_params,
         ),
         connector=ConnectorConfig(name="mlp2x_gelu"),
-        language=LanguageConfig(model_type=tc.get("model_type", "llama"), params=_arch(tc)),
+        language=LanguageConfig(model_type=tc.get("model_type", "llama"), params=architecture_fields(tc)),
         processor=processor_from_hf(image_size, preprocessor),
         image_token_id=hf["image_token_index"],
         preset="llava-1.5",

@@ -21,6 +21,7 @@ from vlmlab.config import (
     ModelConfig,
     ProcessorConfig,
     VisionConfig,
+    architecture_fields,
 )
 from vlmlab.errors import CheckpointError, ConfigError
 
@@ -37,7 +38,6 @@ KEY_MAP = [
     ("lm_head.", "language.lm_head."),
 ]
 _MM_KEYS = ("mm_", "image_aspect_ratio", "tune_mm", "freeze_mm", "image_grid", "use_mm_proj", "unfreeze_mm")
-_NON_ARCH = ("model_type", "transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype")
 
 
 def _tower_dir(hf: dict) -> Path:
@@ -66,9 +66,9 @@ def config_from_hf(hf: dict, preprocessor: dict | None = None) -> ModelConfig:
         raise ConfigError(
             f"llava (original layout): vision tower type {tower_cfg['model_type']!r} is not supported"
         )
-    vision_params = {k: v for k, v in tower_cfg.items() if k not in _NON_ARCH}
+    vision_params = architecture_fields(tower_cfg)
     image_size = vision_params.pop("image_size")
-    lm_params = {k: v for k, v in hf.items() if k not in _NON_ARCH and not k.startswith(_MM_KEYS)}
+    lm_params = {k: v for k, v in architecture_fields(hf).items() if not k.startswith(_MM_KEYS)}
     pad = hf.get("image_aspect_ratio") == "pad"
     return ModelConfig(
         vision=VisionConfig(

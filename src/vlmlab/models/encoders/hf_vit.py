@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
-from vlmlab.config import VisionConfig
+from vlmlab.config import VisionConfig, architecture_fields
 from vlmlab.errors import ConfigError
 
 SELECT_FEATURES = ("patch", "cls_patch")
@@ -47,8 +47,7 @@ class HFVisionTower(nn.Module):
 
     def architecture_params(self) -> dict:
         """The tower's transformers config as ``params`` (``image_size`` is the VisionConfig's own field)."""
-        skip = {"image_size", "model_type", "transformers_version", "architectures", "_name_or_path", "dtype"}
-        return {k: v for k, v in self.model.config.to_dict().items() if k not in skip}
+        return architecture_fields(self.model.config.to_dict(), drop=("image_size",))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         out = self.model(pixel_values=pixel_values, output_hidden_states=True)
