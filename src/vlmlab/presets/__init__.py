@@ -4,6 +4,7 @@ Add one: a function in a file of this folder that returns a ``Preset``, and one 
 """
 
 from vlmlab.presets.base import Preset
+from vlmlab.presets.llava import llava, llava_1_5, llava_1_5_tiny
 from vlmlab.presets.nano import nano
 from vlmlab.presets.tiny import tiny
 from vlmlab.registry import Registry
@@ -11,5 +12,8 @@ from vlmlab.registry import Registry
 PRESETS = Registry("preset")
 PRESETS["tiny"] = tiny
 PRESETS["nano"] = nano
+PRESETS["llava"] = llava
+PRESETS["llava-1.5"] = llava_1_5
+PRESETS["llava-1.5-tiny"] = llava_1_5_tiny
 
 __all__ = ["PRESETS", "Preset"]

@@ -20,10 +20,13 @@ IMAGE_SIZE = 64
 VOCAB_SIZE = 512
 
 
-def _tokenizer():
+def world_tokenizer(chat_template: str = "tiny", extra_texts: tuple[str, ...] = ()):
+    """A BPE tokenizer trained on the embedded world's text (deterministic, no download); ``extra_texts`` (e.g.
+    a template's system prompt) join the corpus so that they tokenize compactly too."""
     from vlmlab.data.world.corpus import corpus
 
-    return train_bpe_tokenizer(corpus(), vocab_size=VOCAB_SIZE)
+    texts = corpus() + [t for t in extra_texts for _ in range(20)]
+    return train_bpe_tokenizer(texts, vocab_size=VOCAB_SIZE, chat_template=chat_template)
 
 
 def tiny() -> Preset:
@@ -82,5 +85,5 @@ def tiny() -> Preset:
         ),
     ]
     return Preset(
-        "tiny", config, _tokenizer, recipe, description="from-scratch ConvNet + small Llama (CPU demo)"
+        "tiny", config, world_tokenizer, recipe, description="from-scratch ConvNet + small Llama (CPU demo)"
     )

@@ -12,17 +12,15 @@ from collections.abc import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from vlmlab.processing.templates import CHAT_TEMPLATES
+
 PAD, EOS = "<pad>", "<|end|>"
 SPECIAL_TOKENS = [PAD, EOS, "<|system|>", "<|user|>", "<|assistant|>", "<image>"]
 
-# ChatML-like and newline-free. Each turn ends with <|end|>, which is the EOS and is part of the reply's loss.
-CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
-)
 
-
-def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
+def train_bpe_tokenizer(
+    texts: Iterable[str], vocab_size: int = 512, chat_template: str = "tiny"
+) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -39,5 +37,5 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrain
         eos_token=EOS,
         additional_special_tokens=SPECIAL_TOKENS[2:],
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = CHAT_TEMPLATES[chat_template]
     return fast
