@@ -72,43 +72,52 @@ def _pretrained_tokenizer(config: ModelConfig):
     return make
 
 
-def llava() -> Preset:
-    """LLaVA: ViT-L/14 at 224 (256 tokens), one Linear projector, the v1 template."""
-    config = ModelConfig(
+def _real_scale(name: str, image_size: int, connector: str, pad_to_square: bool) -> ModelConfig:
+    """CLIP ViT-L/14 (penultimate layer, CLS dropped) -> ``connector`` -> Vicuna-7B."""
+    return ModelConfig(
         vision=VisionConfig(
-            name="clip", image_size=224, select_layer=-2, select_feature="patch", params=dict(CLIP_VIT_L14)
+            name="clip",
+            image_size=image_size,
+            select_layer=-2,
+            select_feature="patch",
+            params=dict(CLIP_VIT_L14),
         ),
-        connector=ConnectorConfig(name="linear"),
+        connector=ConnectorConfig(name=connector),
         language=LanguageConfig(model_type="llama", params=dict(VICUNA_7B)),
         processor=ProcessorConfig(
-            image_size=224,
+            image_size=image_size,
             image_mean=CLIP_MEAN,
             image_std=CLIP_STD,
+            pad_to_square=pad_to_square,
             resize="shortest_edge_crop",
             max_length=2048,
         ),
-        preset="llava",
+        preset=name,
     )
-    recipe = [
-        # Feature alignment (CC3M-595K): the projector only.
-        Stage(
-            name="align",
-            train=("connector",),
-            lr={"connector": 2e-3},
-            steps=2326,
-            batch_size=128,
-            warmup_steps=70,
-        ),
-        # Visual instruction tuning (LLaVA-Instruct-158K): projector + LLM, the tower frozen.
-        Stage(
-            name="instruct",
-            train=("connector", "language"),
-            lr={"connector": 2e-5, "language": 2e-5},
-            steps=3700,
-            batch_size=32,
-            warmup_steps=111,
-        ),
+
+
+def _two_stages(align: dict, instruct: dict) -> list[Stage]:
+    """LLaVA's recipe: align trains the projector only; instruct trains projector + LLM, the tower frozen."""
+    return [
+        Stage(name="align", train=("connector",), **align),
+        Stage(name="instruct", train=("connector", "language"), **instruct),
     ]
+
+
+def llava() -> Preset:
+    """LLaVA: ViT-L/14 at 224 (256 tokens), one Linear projector, the v1 template."""
+    config = _real_scale("llava", image_size=224, connector="linear", pad_to_square=False)
+    recipe = _two_stages(
+        # Feature alignment (CC3M-595K).
+        align={"lr": {"connector": 2e-3}, "steps": 2326, "batch_size": 128, "warmup_steps": 70},
+        # Visual instruction tuning (LLaVA-Instruct-158K).
+        instruct={
+            "lr": {"connector": 2e-5, "language": 2e-5},
+            "steps": 3700,
+            "batch_size": 32,
+            "warmup_steps": 111,
+        },
+    )
     return Preset(
         "llava", config, _pretrained_tokenizer(config), recipe, description="LLaVA (CLIP-L/14 + linear)"
     )
@@ -116,42 +125,18 @@ def llava() -> Preset:
 
 def llava_1_5() -> Preset:
     """LLaVA-1.5: ViT-L/14 at 336 (576 tokens), mlp2x_gelu, pad to square with the mean colour, v1 template."""
-    config = ModelConfig(
-        vision=VisionConfig(
-            name="clip", image_size=336, select_layer=-2, select_feature="patch", params=dict(CLIP_VIT_L14)
-        ),
-        connector=ConnectorConfig(name="mlp2x_gelu"),
-        language=LanguageConfig(model_type="llama", params=dict(VICUNA_7B)),
-        processor=ProcessorConfig(
-            image_size=336,
-            image_mean=CLIP_MEAN,
-            image_std=CLIP_STD,
-            pad_to_square=True,
-            resize="shortest_edge_crop",
-            max_length=2048,
-        ),
-        preset="llava-1.5",
+    config = _real_scale("llava-1.5", image_size=336, connector="mlp2x_gelu", pad_to_square=True)
+    recipe = _two_stages(
+        # LCS-558K, 1 epoch at batch 256.
+        align={"lr": {"connector": 1e-3}, "steps": 2180, "batch_size": 256, "warmup_steps": 65},
+        # mix665k, 1 epoch at batch 128.
+        instruct={
+            "lr": {"connector": 2e-5, "language": 2e-5},
+            "steps": 5198,
+            "batch_size": 128,
+            "warmup_steps": 156,
+        },
     )
-    recipe = [
-        # LCS-558K, 1 epoch at batch 256: the projector only, lr 1e-3.
-        Stage(
-            name="align",
-            train=("connector",),
-            lr={"connector": 1e-3},
-            steps=2180,
-            batch_size=256,
-            warmup_steps=65,
-        ),
-        # mix665k, 1 epoch at batch 128: projector + LLM at 2e-5, the tower frozen.
-        Stage(
-            name="instruct",
-            train=("connector", "language"),
-            lr={"connector": 2e-5, "language": 2e-5},
-            steps=5198,
-            batch_size=128,
-            warmup_steps=156,
-        ),
-    ]
     return Preset(
         "llava-1.5",
         config,
@@ -164,7 +149,7 @@ def llava_1_5() -> Preset:
 def llava_1_5_tiny() -> Preset:
     """LLaVA-1.5's structure at CPU scale: a 2-layer CLIP at 64 px (64 tokens), mlp2x_gelu, pad to square, the
     v1 template on a BPE tokenizer trained on the embedded world."""
-    from vlmlab.presets.tiny import VOCAB_SIZE, world_tokenizer
+    from vlmlab.presets.tiny import TINY_LLAMA, world_tokenizer
 
     config = ModelConfig(
         vision=VisionConfig(
@@ -183,19 +168,7 @@ def llava_1_5_tiny() -> Preset:
         connector=ConnectorConfig(name="mlp2x_gelu"),
         language=LanguageConfig(
             model_type="llama",
-            params={
-                "vocab_size": VOCAB_SIZE,
-                "hidden_size": 128,
-                "intermediate_size": 384,
-                "num_hidden_layers": 4,
-                "num_attention_heads": 4,
-                "num_key_value_heads": 4,
-                "max_position_embeddings": 256,
-                "tie_word_embeddings": True,
-                "pad_token_id": 0,
-                "eos_token_id": 1,
-                "bos_token_id": 1,
-            },
+            params=dict(TINY_LLAMA),
         ),
         processor=ProcessorConfig(
             image_size=64,
@@ -207,25 +180,21 @@ def llava_1_5_tiny() -> Preset:
         ),
         preset="llava-1.5-tiny",
     )
-    recipe = [
-        Stage(
-            name="align",
-            train=("connector",),
-            lr={"connector": 1e-3},
-            steps=300,
-            tasks=("caption",),
-            batch_size=32,
-            warmup_steps=10,
-        ),
-        Stage(
-            name="instruct",
-            train=("connector", "language"),
-            lr={"connector": 2e-3, "language": 2e-3},
-            steps=900,
-            batch_size=32,
-            warmup_steps=30,
-        ),
-    ]
+    recipe = _two_stages(
+        align={
+            "lr": {"connector": 1e-3},
+            "steps": 300,
+            "tasks": ("caption",),
+            "batch_size": 32,
+            "warmup_steps": 10,
+        },
+        instruct={
+            "lr": {"connector": 2e-3, "language": 2e-3},
+            "steps": 900,
+            "batch_size": 32,
+            "warmup_steps": 30,
+        },
+    )
     return Preset(
         "llava-1.5-tiny",
         config,
