@@ -263,3 +263,34 @@ def test_pretrained_towers_and_lms_load_from_safetensors_only(tmp_path, tokenize
     torch.save(lm.state_dict(), pickled / "pytorch_model.bin")
     with pytest.raises(Exception, match="safetensors"):
         make_model(tokenizer, language=LanguageConfig(pretrained=str(tmp_path / "pickled")))
+
+
+def test_supervised_logits_only_gives_the_same_loss_and_gradients(tiny_model):
+    """The trainer's path (LM head only at supervised positions) equals transformers' full-logits loss."""
+    model, processor = tiny_model
+    from PIL import Image
+
+    img = Image.new("RGB", (40, 30), (200, 10, 10))
+    samples = [
+        processor.encode(
+            [
+                {"role": "user", "content": "<image>\nWhat color is the shape?"},
+                {"role": "assistant", "content": a},
+            ],
+            [img],
+            train=True,
+        )
+        for a in ("red", "a large red circle at the top left")
+    ]
+    batch = processor.collate(samples)
+    model.train()
+    full = model(**batch)
+    grads_full = torch.autograd.grad(full.loss, [p for p in model.parameters()], allow_unused=True)
+    fast = model(**batch, supervised_logits_only=True)
+    grads_fast = torch.autograd.grad(fast.loss, [p for p in model.parameters()], allow_unused=True)
+    torch.testing.assert_close(fast.loss, full.loss, atol=1e-6, rtol=1e-6)
+    n_sup = int((batch["labels"][:, 1:] != -100).sum())
+    assert fast.logits.shape == (n_sup, full.logits.shape[-1])
+    for a, b in zip(grads_fast, grads_full):
+        if a is not None or b is not None:
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

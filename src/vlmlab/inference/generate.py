@@ -52,8 +52,12 @@ def generate(
     stop: Callable[[list[int]], bool] | None = None,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
+    **visual_inputs: torch.Tensor | None,
 ) -> torch.Tensor:
-    """New token ids ``[B, T_new]``; a finished row (EOS or ``stop``) is filled with ``pad_token_id``."""
+    """New token ids ``[B, T_new]``; a finished row (EOS or ``stop``) is filled with ``pad_token_id``.
+
+    ``visual_inputs`` are the processor's other model inputs (``image_sizes``, ``pixel_values_videos`` ...),
+    passed to ``model.embed`` once, at prefill."""
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if eos_token_id is None:
@@ -62,7 +66,7 @@ def generate(
         [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=input_ids.device
     )
     B = input_ids.shape[0]
-    embeds = model.embed(input_ids, pixel_values)  # [B, T, D]
+    embeds = model.embed(input_ids, pixel_values, **visual_inputs)  # [B, T, D]
     mask = attention_mask.clone()
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     new_tokens: list[torch.Tensor] = []

@@ -28,6 +28,7 @@ from vlmlab.models.merge import merge_image_features
 # The parts a training stage can freeze or train, by name (see training/stages.py).
 PARTS = ("vision", "connector", "language")
 CONFIG_FILE = "config.json"
+IGNORE_INDEX = -100
 WEIGHTS_FILE = "model.safetensors"
 
 
@@ -81,19 +82,47 @@ class VisionLanguageModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         past_key_values=None,
         use_cache: bool = False,
+        supervised_logits_only: bool = False,
         **_: object,
     ) -> CausalLMOutputWithPast:
+        """transformers' contract: ``.logits`` ``[B, T, V]`` and, with ``labels``, the mean next-token loss.
+
+        ``supervised_logits_only=True`` (the trainer's setting) computes the LM head only where a label is
+        supervised and returns those rows as ``.logits`` ``[N_sup, V]``: the same loss without the ``[B, T, V]``
+        logits of every prompt, image and pad position."""
         if position_ids is None and attention_mask is not None and past_key_values is None:
             position_ids = positions_from_mask(attention_mask)
+        inputs_embeds = self.embed(input_ids, pixel_values)
+        if (
+            labels is not None
+            and supervised_logits_only
+            and past_key_values is None
+            and _plain_head(self.language)
+        ):
+            return self._supervised_loss(inputs_embeds, attention_mask, position_ids, labels)
         # Contract: labels are unshifted and -100 at image/prompt/pad positions; the decoder's loss shifts them.
         return self.language(
-            inputs_embeds=self.embed(input_ids, pixel_values),
+            inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
             labels=labels,
             use_cache=use_cache,
             **cache_kwargs(self.language, past_key_values),
         )
+
+    def _supervised_loss(self, inputs_embeds, attention_mask, position_ids, labels) -> CausalLMOutputWithPast:
+        hidden = self.language.get_decoder()(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+        ).last_hidden_state
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        logits = self.language.get_output_embeddings()(hidden[:, :-1][keep])  # [N_sup, V]
+        # transformers' causal LM loss: float32 cross-entropy, mean over supervised tokens.
+        loss = nn.functional.cross_entropy(logits.float(), targets[keep])
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
 
     def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
         """New token ids ``[B, T_new]``; see ``vlmlab.inference.generate.generate``."""
@@ -159,6 +188,12 @@ def _alias_groups(model: nn.Module) -> list[list[str]]:
     for name, t in model.state_dict(keep_vars=True).items():
         groups.setdefault(t.data_ptr(), []).append(name)
     return list(groups.values())
+
+
+def _plain_head(language) -> bool:
+    """The decoder's logits are exactly ``lm_head(hidden)`` (no soft-capping or scaling after the head)."""
+    cfg = language.config
+    return getattr(cfg, "final_logit_softcapping", None) is None and getattr(cfg, "logit_scale", None) is None
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -268,6 +268,7 @@ class Trainer:
                     attention_mask=batch["attention_mask"],
                     pixel_values=batch["pixel_values"],
                     labels=batch["labels"],
+                    supervised_logits_only=True,
                 )
             (out.loss / stage.grad_accum).backward()
             total += out.loss.item() / stage.grad_accum
