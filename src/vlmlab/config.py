@@ -56,6 +56,46 @@ class LanguageConfig:
 
 
 @dataclass
+class AnyResConfig:
+    """LLaVA-NeXT AnyRes (SYSTEMS.md §11): a base view plus the tiles of the best-fitting grid resolution."""
+
+    grid_pinpoints: list[list[int]] = field(
+        default_factory=lambda: [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+    )
+    """Candidate resolutions ``[height, width]`` in pixels, multiples of the tower's image size."""
+    unpad: bool = True
+    """Drop the feature rows/columns that come from the padding (``spatial_unpad``)."""
+    newline: bool = True
+    """Append the learned ``image_newline`` vector after every feature row (and after a single view)."""
+    max_tiles: int | None = None
+    """OneVision's ``anyres_max_N``: tile features larger than 1.1x the area of N tiles are bilinearly shrunk."""
+    tile_multi_image: bool = True
+    """False (OneVision): when a sample has several images, each is one padded square view, not tiled."""
+
+
+@dataclass
+class VideoConfig:
+    """Videos as frame sequences (LLaVA-NeXT-Video, SYSTEMS.md §12): frames are sampled, encoded as images and
+    their token grids pooled."""
+
+    num_frames: int = 8
+    """Frames sampled uniformly over the whole video."""
+    max_frames: int = 64
+    """A request for more frames than this is refused (memory and context length)."""
+    pool: str = "average"
+    """2D pooling of each frame's token grid: ``average`` / ``max`` (stride x stride), ``bilinear`` (OneVision:
+    resize to ceil(n / stride))."""
+    stride: int = 2
+    pool_position: str = "before"
+    """Pool the tower's features ``before`` the projector (transformers) or ``after`` it (the LLaVA-NeXT repo)."""
+    newline: str = "no_token"
+    """``image_newline`` positions: ``no_token``, ``grid`` (after each row of each frame), ``frame`` (after each
+    frame), ``one_token`` (once after the whole video)."""
+    token: str = "<video>"
+    """Placeholder written in prompts; expanded to one token per pooled feature row."""
+
+
+@dataclass
 class ProcessorConfig:
     """How images and conversations become tensors; shared by training, evaluation and serving."""
 
@@ -73,6 +113,10 @@ class ProcessorConfig:
     """Longest tokenised sample; longer ones are truncated (never through an image) or rejected."""
     max_image_pixels: int = 50_000_000
     """Images with more pixels than this (read from the header, before decoding) are rejected."""
+    anyres: AnyResConfig | None = None
+    """High-resolution tiling (LLaVA-NeXT); ``None``: one view per image."""
+    video: VideoConfig | None = None
+    """Video input settings; ``None``: the model takes no videos."""
 
 
 @dataclass
@@ -83,6 +127,8 @@ class ModelConfig:
     processor: ProcessorConfig = field(default_factory=ProcessorConfig)
     image_token_id: int = -1
     """Token id of the image placeholder in the tokenizer (set when the model is built with its tokenizer)."""
+    video_token_id: int = -1
+    """Token id of the video placeholder (models with ``processor.video``)."""
     preset: str | None = None
     """The preset this config came from (informational)."""
 
@@ -124,6 +170,8 @@ def from_dict(cls: type, d: Any, where: str) -> Any:
         sub = _DATACLASS_FIELDS.get((cls, name))
         if sub is not None:
             value = from_dict(sub, value, f"{where}.{name}")
+        elif value is not None and (cls, name) in _OPTIONAL_DATACLASS_FIELDS:
+            value = from_dict(_OPTIONAL_DATACLASS_FIELDS[(cls, name)], value, f"{where}.{name}")
         elif isinstance(value, list) and name in ("image_mean", "image_std"):
             value = tuple(value)
         kwargs[name] = value
@@ -138,4 +186,9 @@ _DATACLASS_FIELDS = {
     (ModelConfig, "language"): LanguageConfig,
     (ModelConfig, "connector"): ConnectorConfig,
     (ModelConfig, "processor"): ProcessorConfig,
+}
+# Fields that hold a dataclass or None.
+_OPTIONAL_DATACLASS_FIELDS = {
+    (ProcessorConfig, "anyres"): AnyResConfig,
+    (ProcessorConfig, "video"): VideoConfig,
 }

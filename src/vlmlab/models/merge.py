@@ -15,17 +15,18 @@ from vlmlab.errors import SampleError
 def merge_image_features(
     inputs_embeds: torch.Tensor,  # [B, T, D]
     input_ids: torch.Tensor,  # [B, T]
-    image_features: torch.Tensor,  # [N_img, N_tok, D]
+    image_features: torch.Tensor,  # [N_img, N_tok, D], or [N_rows, D] when images differ in token count
     image_token_id: int,
+    what: str = "image",
 ) -> torch.Tensor:
     mask = input_ids == image_token_id  # [B, T]
     n_slots = int(mask.sum())
-    n_rows = image_features.shape[0] * image_features.shape[1]
-    if n_slots != n_rows:
-        raise SampleError(
-            f"image features and image tokens do not match: {n_slots} placeholder tokens in the text but "
-            f"{n_rows} feature rows ({image_features.shape[0]} images x {image_features.shape[1]} tokens)"
-        )
     rows = image_features.reshape(-1, image_features.shape[-1]).to(inputs_embeds.dtype)
+    if n_slots != rows.shape[0]:
+        shape = " x ".join(map(str, image_features.shape[:-1]))
+        raise SampleError(
+            f"{what} features and {what} tokens do not match: {n_slots} placeholder tokens in the text but "
+            f"{rows.shape[0]} feature rows ({shape})"
+        )
     # masked_scatter fills True positions in row-major order, i.e. image by image, token by token.
     return inputs_embeds.masked_scatter(mask.unsqueeze(-1), rows)

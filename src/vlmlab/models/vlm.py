@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 
@@ -20,10 +21,12 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from vlmlab.config import ModelConfig
 from vlmlab.errors import CheckpointError, ConfigError, SampleError
+from vlmlab.models import video
 from vlmlab.models.connectors import CONNECTORS
 from vlmlab.models.encoders import ENCODERS
 from vlmlab.models.language import architecture_params, build_language_model, cache_kwargs
 from vlmlab.models.merge import merge_image_features
+from vlmlab.models.tiling import anyres
 
 # The parts a training stage can freeze or train, by name (see training/stages.py).
 PARTS = ("vision", "connector", "language")
@@ -54,23 +57,127 @@ class VisionLanguageModel(nn.Module):
         )
         self.config = config
         self.num_image_tokens = self.connector.num_tokens(self.vision.num_tokens)
+        """Tokens of one view (one image, tile or frame)."""
+        tiles, frames = config.processor.anyres, config.processor.video
+        if tiles is not None or frames is not None:
+            self.grid_side = math.isqrt(self.num_image_tokens)
+            if self.grid_side**2 != self.num_image_tokens:
+                raise ConfigError(
+                    f"AnyRes and video pooling need a square token grid per view, not {self.num_image_tokens} tokens "
+                    f"(a tower without CLS, or vision.select_feature='patch')"
+                )
+        if frames is not None:
+            video.check(frames)
+        if (tiles is not None and tiles.newline) or (frames is not None and frames.newline != "no_token"):
+            # LLaVA-NeXT's learned row separator, initialised as randn / sqrt(d); it trains with the connector.
+            self.image_newline = nn.Parameter(torch.randn(d_lm) / math.sqrt(d_lm))
+        else:
+            self.image_newline = None
+
+    def part_parameters(self, part: str) -> list[nn.Parameter]:
+        """The parameters of one trainable part (``PARTS``); ``image_newline`` belongs to the connector."""
+        params = list(getattr(self, part).parameters())
+        if part == "connector" and self.image_newline is not None:
+            params.append(self.image_newline)
+        return params
 
     # -- forward -------------------------------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``[N_img, 3, H, W] -> [N_img, N_tok, D_lm]``."""
         return self.connector(self.vision(pixel_values))
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings with the visual features spliced into the image placeholder positions."""
+    def image_features(
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes: torch.Tensor | None = None,
+        batch_num_images: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Feature rows ``[N_rows, D_lm]`` of every image, in order.
+
+        Without AnyRes ``pixel_values`` is ``[N_img, 3, S, S]``. With it, it is transformers' layout
+        ``[N_img, P_max, 3, S, S]`` (each image's views, zero-padded to the most views) or the views concatenated
+        ``[sum P, 3, S, S]``, and ``image_sizes`` ``[N_img, 2]`` gives each original ``(height, width)``."""
+        cfg = self.config.processor.anyres
+        if cfg is None:
+            if pixel_values.dim() != 4:
+                raise SampleError(f"pixel_values must be [N_img, 3, H, W], got {list(pixel_values.shape)}")
+            return self.encode_images(pixel_values).flatten(0, 1)
+        if image_sizes is None:
+            raise SampleError("an AnyRes model needs image_sizes ([N_img, 2] original heights and widths)")
+        sizes = [tuple(s) for s in image_sizes.tolist()]
+        tiled = tiled_images(len(sizes), batch_num_images, cfg)
+        tile = self.config.processor.image_size
+        counts = [
+            1 + math.prod(anyres.grid_shape(s, cfg.grid_pinpoints, tile)) if t else 1
+            for s, t in zip(sizes, tiled)
+        ]
+        if pixel_values.dim() == 5:
+            if pixel_values.shape[0] != len(sizes) or max(counts) > pixel_values.shape[1]:
+                raise SampleError(
+                    f"pixel_values {list(pixel_values.shape)} do not hold the views of {len(sizes)} images "
+                    f"(up to {max(counts)} views each)"
+                )
+            pixel_values = torch.cat([pv[:n] for pv, n in zip(pixel_values, counts)])
+        elif pixel_values.shape[0] != sum(counts):
+            raise SampleError(
+                f"pixel_values has {pixel_values.shape[0]} views, the image sizes need {sum(counts)}"
+            )
+        feats = self.encode_images(pixel_values).split(counts)
+        return torch.cat(
+            [anyres.pack_features(f, s, cfg, tile, self.image_newline) for f, s in zip(feats, sizes)]
+        )
+
+    def video_features(self, pixel_values_videos: torch.Tensor) -> torch.Tensor:
+        """Feature rows ``[N_rows, D_lm]`` of videos ``[N_vid, F, 3, S, S]``: frames encoded as images, pooled in
+        2D before or after the projector, newlines placed per ``processor.video.newline``."""
+        cfg = self.config.processor.video
+        if cfg is None:
+            raise SampleError("this model takes no videos (its processor has no video settings)")
+        if pixel_values_videos.dim() != 5:
+            raise SampleError(
+                f"pixel_values_videos must be [N_vid, F, 3, H, W], got {list(pixel_values_videos.shape)}"
+            )
+        n, f = pixel_values_videos.shape[:2]
+        x = self.vision(pixel_values_videos.flatten(0, 1))
+        x = (
+            self.connector(video.pool(x, cfg))
+            if cfg.pool_position == "before"
+            else video.pool(self.connector(x), cfg)
+        )
+        x = x.unflatten(0, (n, f))
+        return torch.cat([video.add_newlines(v, cfg, self.image_newline) for v in x])
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        batch_num_images: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings with the visual features spliced into the image and video placeholder positions."""
         image_mask = input_ids == self.config.image_token_id
-        # The placeholder id may lie outside the decoder's vocabulary: look up a valid id, then overwrite.
-        embeds = self.language.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
-        if pixel_values is not None:
-            feats = self.encode_images(pixel_values.to(embeds.dtype))
-            embeds = merge_image_features(embeds, input_ids, feats, self.config.image_token_id)
-        elif image_mask.any():
-            n = int(image_mask.sum())
-            raise SampleError(f"{n} image placeholder tokens in the input but no pixel_values")
+        video_mask = input_ids == self.config.video_token_id
+        # Placeholder ids may lie outside the decoder's vocabulary: look up a valid id, then overwrite.
+        embeds = self.language.get_input_embeddings()(input_ids.masked_fill(image_mask | video_mask, 0))
+        for pixels, mask, what, token_id in (
+            (pixel_values, image_mask, "image", self.config.image_token_id),
+            (pixel_values_videos, video_mask, "video", self.config.video_token_id),
+        ):
+            if pixels is None:
+                if mask.any():
+                    raise SampleError(
+                        f"{int(mask.sum())} {what} placeholder tokens in the input but no "
+                        f"{'pixel_values' if what == 'image' else 'pixel_values_videos'}"
+                    )
+                continue
+            pixels = pixels.to(embeds.dtype)
+            feats = (
+                self.image_features(pixels, image_sizes, batch_num_images)
+                if what == "image"
+                else self.video_features(pixels)
+            )
+            embeds = merge_image_features(embeds, input_ids, feats, token_id, what)
         return embeds
 
     def forward(
@@ -80,6 +187,9 @@ class VisionLanguageModel(nn.Module):
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        batch_num_images: torch.Tensor | None = None,
         past_key_values=None,
         use_cache: bool = False,
         supervised_logits_only: bool = False,
@@ -92,7 +202,9 @@ class VisionLanguageModel(nn.Module):
         logits of every prompt, image and pad position."""
         if position_ids is None and attention_mask is not None and past_key_values is None:
             position_ids = positions_from_mask(attention_mask)
-        inputs_embeds = self.embed(input_ids, pixel_values)
+        inputs_embeds = self.embed(
+            input_ids, pixel_values, image_sizes, pixel_values_videos, batch_num_images
+        )
         if (
             labels is not None
             and supervised_logits_only
@@ -188,6 +300,17 @@ def _alias_groups(model: nn.Module) -> list[list[str]]:
     for name, t in model.state_dict(keep_vars=True).items():
         groups.setdefault(t.data_ptr(), []).append(name)
     return list(groups.values())
+
+
+def tiled_images(n_images: int, batch_num_images, cfg) -> list[bool]:
+    """Which images are tiled: all, unless ``cfg.tile_multi_image`` is off (OneVision), in which case only the
+    images alone in their sample (``batch_num_images`` gives the images per sample; None = one each)."""
+    if cfg.tile_multi_image or batch_num_images is None:
+        return [True] * n_images
+    per_sample = [int(n) for n in batch_num_images]
+    if sum(per_sample) != n_images:
+        raise SampleError(f"batch_num_images {per_sample} does not add up to {n_images} images")
+    return [n == 1 for n in per_sample for _ in range(n)]
 
 
 def _plain_head(language) -> bool:

@@ -53,12 +53,12 @@ def apply_stage(model: nn.Module, stage: Stage) -> list[dict]:
     """Freeze everything but ``stage.train``; return AdamW parameter groups, one per trained part."""
     groups = []
     for part in PARTS:
-        module: nn.Module = getattr(model, part)
+        part_params = getattr(model, "part_parameters", None)
+        params = part_params(part) if part_params else list(getattr(model, part).parameters())
         trains = part in stage.train
-        for p in module.parameters():
+        for p in params:
             p.requires_grad_(trains)
         if trains:
-            params = [p for p in module.parameters()]
             groups.append(
                 {"name": part, "params": params, "lr": stage.lr[part], "weight_decay": stage.weight_decay}
             )
