@@ -42,12 +42,20 @@ class SupervisedDataset:
 
     def __getitem__(self, i: int) -> dict:
         rec = self.records[i]
+        proc = self.processor
         try:
+            images = proc.load_images(rec.images)
+            videos = proc.load_videos(getattr(rec, "videos", []))
             text = self._text_cache.get(i)
             if text is None:
-                text = self.processor.encode_text(rec.messages, len(rec.images), train=True)
+                text = proc.encode_text(
+                    rec.messages,
+                    proc.image_token_counts(images),
+                    video_tokens=proc.video_token_counts(videos),
+                    train=True,
+                )
                 self._text_cache[i] = text
-            pixel_values = self.processor.encode_images(rec.images)
+            visual = proc.encode_visuals(images, videos)
         except DataError as e:
             raise DataError(f"{rec.source or rec.id}: {e}") from None
-        return {**text, "pixel_values": pixel_values, "id": rec.id}
+        return {**text, **visual, "id": rec.id}

@@ -19,7 +19,7 @@ import torch
 
 from vlmlab.data.formats import Record
 from vlmlab.io import atomic_write_json, atomic_write_text
-from vlmlab.processing.processor import Processor, model_device, to_device
+from vlmlab.processing.processor import Processor, model_device, to_device, visual_inputs
 from vlmlab.processing.transforms import blank_image
 
 
@@ -54,11 +54,16 @@ def predict(
         chunk = records[start : start + batch_size]
         convs = [split_prompt(r)[0] for r in chunk]
         images = [[blank] * len(r.images) if blind else r.images for r in chunk]
-        batch = to_device(processor(convs, images, add_generation_prompt=True), device)
+        n_frames = processor.config.video.num_frames if processor.config.video else 0
+        videos = [
+            [[blank] * n_frames] * len(getattr(r, "videos", [])) if blind else getattr(r, "videos", [])
+            for r in chunk
+        ]
+        batch = to_device(processor(convs, images, add_generation_prompt=True, videos=videos), device)
         new = model.generate(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
-            pixel_values=batch["pixel_values"],
+            **visual_inputs(batch),
             max_new_tokens=max_new_tokens,
             eos_token_id=processor.eos_token_ids,
             pad_token_id=processor.pad_token_id,

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from vlmlab.processing.processor import model_device, to_device
+from vlmlab.processing.processor import model_device, to_device, visual_inputs
 
 
 def answer(
@@ -16,6 +16,7 @@ def answer(
     question: str,
     images: Sequence[str | os.PathLike | bytes] = (),
     *,
+    videos: Sequence = (),
     history: Sequence[dict] = (),
     max_new_tokens: int = 64,
     temperature: float = 0.0,
@@ -23,18 +24,20 @@ def answer(
     seed: int = 0,
     stop: Sequence[str] = (),
 ) -> str:
-    """Answer ``question``; images missing a placeholder in the question are placed before it (LLaVA style)."""
-    placeholder = processor.config.image_token
-    missing = len(images) - question.count(placeholder)
-    if missing > 0:
-        question = placeholder * missing + "\n" + question
+    """Answer ``question``; images (videos) missing a placeholder in the question are placed before it (LLaVA
+    style). A video is a file path, or its frames (PIL images or a ``[F, H, W, 3]`` array)."""
+    video_placeholder = processor.config.video.token if processor.config.video else "<video>"
+    for placeholder, items in ((processor.config.image_token, images), (video_placeholder, videos)):
+        missing = len(items) - question.count(placeholder)
+        if missing > 0:
+            question = placeholder * missing + "\n" + question
     messages = [*history, {"role": "user", "content": question}]
-    batch = to_device(processor([messages], [list(images)]), model_device(model))
+    batch = to_device(processor([messages], [list(images)], videos=[list(videos)]), model_device(model))
     model.eval()
     new = model.generate(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
-        pixel_values=batch["pixel_values"],
+        **visual_inputs(batch),
         max_new_tokens=max_new_tokens,
         do_sample=temperature > 0,
         temperature=temperature,

@@ -245,12 +245,12 @@ class VisionLanguageModel(nn.Module):
     # -- persistence ---------------------------------------------------------------------------------------
     def save_pretrained(self, path: str | os.PathLike, format: str = "vlmlab") -> None:
         """``format="vlmlab"``: ``config.json`` + ``model.safetensors`` (tied weights stored once).
-        ``format="hf"``: a transformers checkpoint its own class loads (``llava`` for a CLIP/SigLIP tower with
-        the ``mlp2x_gelu`` connector)."""
+        ``format="hf"``: a transformers checkpoint its own class loads (a CLIP/SigLIP tower with the
+        ``mlp2x_gelu`` connector: ``llava``, or with AnyRes ``llava_next``, ``llava_next_video``, ``llava_onevision``)."""
         if format == "hf":
-            from vlmlab.interop.hf import HF_FORMATS, export_hf
+            from vlmlab.interop.hf import HF_FORMATS, export_hf, hf_model_type
 
-            export_hf(self, path, HF_FORMATS, "llava")
+            export_hf(self, path, HF_FORMATS, hf_model_type(self.config))
             return
         if format != "vlmlab":
             raise ConfigError(f"save_pretrained: format {format!r} is not one of ['vlmlab', 'hf']")

@@ -7,17 +7,22 @@ truncation that never cuts through an image -> padded batches.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from transformers import AutoTokenizer
 
 from vlmlab.config import ProcessorConfig, from_dict
 from vlmlab.errors import CheckpointError, SampleError
+from vlmlab.models import video as video_tokens
+from vlmlab.models.tiling import anyres
 from vlmlab.processing.chat import render_with_spans
 from vlmlab.processing.image import load_image, to_rgb
 from vlmlab.processing.transforms import image_to_tensor
@@ -31,11 +36,34 @@ class Processor:
         self.tokenizer = tokenizer
         self.config = config
         self.num_image_tokens = num_image_tokens
-        self.image_token_id = tokenizer.convert_tokens_to_ids(config.image_token)
-        if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
-            raise SampleError(f"the tokenizer has no {config.image_token!r} token; add it as a special token")
+        """Tokens of one view (an image without AnyRes, a tile, a video frame before pooling)."""
+        self.image_token_id = self._special_id(config.image_token)
+        self.video_token_id = self._special_id(config.video.token) if config.video is not None else None
+        self.grid_side = math.isqrt(num_image_tokens)
         pad = tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else tokenizer.eos_token_id
+
+    def _special_id(self, token: str) -> int:
+        tid = self.tokenizer.convert_tokens_to_ids(token)
+        if tid is None or tid == self.tokenizer.unk_token_id:
+            raise SampleError(f"the tokenizer has no {token!r} token; add it as a special token")
+        return tid
+
+    # -- token counts (the model produces exactly these many feature rows) ---------------------------------
+    def image_token_counts(self, images: Sequence[Image.Image]) -> list[int]:
+        """Placeholder tokens per image: fixed, or with AnyRes from each image's size (and OneVision's rule
+        that images sharing a sample are not tiled)."""
+        cfg = self.config.anyres
+        if cfg is None:
+            return [self.num_image_tokens] * len(images)
+        tiled = cfg.tile_multi_image or len(images) == 1
+        return [
+            anyres.num_tokens((im.height, im.width), cfg, self.config.image_size, self.grid_side, tiled)
+            for im in images
+        ]
+
+    def video_token_counts(self, videos: Sequence[Sequence[Image.Image]]) -> list[int]:
+        return [video_tokens.num_tokens(len(v), self.config.video, self.grid_side) for v in videos]
 
     # -- single samples ------------------------------------------------------------------------------------
     def load_images(self, sources: Sequence[str | os.PathLike | bytes | Image.Image]) -> list[Image.Image]:
@@ -46,47 +74,134 @@ class Processor:
             for s in sources
         ]
 
+    def load_videos(self, sources: Sequence) -> list[list[Image.Image]]:
+        """Each video as its sampled frames: a file (decoded with PyAV), or frames given as PIL images or a
+        ``[F, H, W, 3]`` uint8 array (used as they are)."""
+        cfg = self.config.video
+        if sources and cfg is None:
+            raise SampleError("this model takes no videos (its processor has no video settings)")
+        out = []
+        for s in sources:
+            if isinstance(s, (str, os.PathLike)):
+                from vlmlab.processing.video import load_video
+
+                frames = load_video(
+                    s, cfg.num_frames, max_frames=cfg.max_frames, max_pixels=self.config.max_image_pixels
+                )
+            else:
+                frames = [
+                    to_rgb(f if isinstance(f, Image.Image) else Image.fromarray(np.asarray(f))) for f in s
+                ]
+            if not 1 <= len(frames) <= cfg.max_frames:
+                raise SampleError(
+                    f"a video has {len(frames)} frames; 1 to max_frames={cfg.max_frames} allowed"
+                )
+            out.append(frames)
+        return out
+
     def encode(
         self,
         messages: list[dict],
         images: Sequence[str | os.PathLike | bytes | Image.Image] = (),
+        videos: Sequence = (),
         *,
         add_generation_prompt: bool = False,
         train: bool = False,
     ) -> dict[str, torch.Tensor | None]:
-        """One sample: ``input_ids`` [T], ``labels`` [T], ``pixel_values`` [N_img, 3, S, S] or None.
+        """One sample: ``input_ids`` [T], ``labels`` [T] and the visual tensors of ``encode_visuals``.
 
         Raises ``SampleError`` / ``ImageError`` (one line) when the sample cannot be used as it is."""
+        ims, vids = self.load_images(images), self.load_videos(videos)
         out = self.encode_text(
-            messages, len(images), add_generation_prompt=add_generation_prompt, train=train
+            messages,
+            self.image_token_counts(ims),
+            add_generation_prompt=add_generation_prompt,
+            train=train,
+            video_tokens=self.video_token_counts(vids),
         )
-        return {**out, "pixel_values": self.encode_images(images)}
+        return {**out, **self.encode_visuals(ims, vids)}
+
+    def encode_visuals(
+        self, images: Sequence[Image.Image], videos: Sequence[Sequence[Image.Image]] = ()
+    ) -> dict[str, torch.Tensor | None]:
+        """``pixel_values``: ``[N_img, 3, S, S]``, or with AnyRes ``[N_img, P, 3, S, S]`` (each image's base view
+        and tiles, zero-padded to the most views) plus ``image_sizes`` ``[N_img, 2]`` (height, width);
+        ``pixel_values_videos``: ``[N_vid, F, 3, S, S]``. Absent inputs are None."""
+        cfg = self.config
+        out: dict[str, torch.Tensor | None] = {"pixel_values": None}
+        if cfg.anyres is not None:
+            out["image_sizes"] = None
+        if images and cfg.anyres is None:
+            out["pixel_values"] = torch.stack([image_to_tensor(im, cfg) for im in images])
+        elif images:
+            tiled = cfg.anyres.tile_multi_image or len(images) == 1
+            # Views are already S x S (a squash to S leaves them as they are); an untiled image is padded to a
+            # square with the mean colour, then squashed (OneVision).
+            as_is = dataclasses.replace(cfg, pad_to_square=not tiled, resize="squash")
+            views = [
+                [
+                    image_to_tensor(v, as_is)
+                    for v in (
+                        anyres.tile_views(im, cfg.anyres.grid_pinpoints, cfg.image_size) if tiled else [im]
+                    )
+                ]
+                for im in images
+            ]
+            out["pixel_values"] = pad_views([torch.stack(v) for v in views])
+            out["image_sizes"] = torch.tensor([[im.height, im.width] for im in images])
+        if cfg.video is not None:
+            out["pixel_values_videos"] = (
+                torch.stack([torch.stack([image_to_tensor(f, cfg) for f in v]) for v in videos])
+                if videos
+                else None
+            )
+        return out
 
     def encode_images(self, images: Sequence[str | os.PathLike | bytes | Image.Image]) -> torch.Tensor | None:
-        """``[N_img, 3, S, S]`` (None when there are no images)."""
-        if not images:
-            return None
-        return torch.stack([image_to_tensor(im, self.config) for im in self.load_images(images)])
+        """The ``pixel_values`` of ``encode_visuals`` (None when there are no images)."""
+        return self.encode_visuals(self.load_images(images))["pixel_values"] if images else None
 
     def encode_text(
-        self, messages: list[dict], n_images: int, *, add_generation_prompt: bool = False, train: bool = False
+        self,
+        messages: list[dict],
+        image_tokens: int | Sequence[int],
+        *,
+        add_generation_prompt: bool = False,
+        train: bool = False,
+        video_tokens: Sequence[int] = (),
     ) -> dict[str, torch.Tensor]:
-        """Token ids with each placeholder expanded to ``num_image_tokens`` ids, and the loss labels."""
-        placeholder = self.config.image_token
-        n_placeholders = sum(
-            m["content"].count(placeholder) for m in messages if isinstance(m.get("content"), str)
-        )
-        if n_placeholders != n_images:
-            raise SampleError(
-                f"{n_placeholders} {placeholder} placeholder(s) in the conversation but {n_images} image(s)"
+        """Token ids with each image (video) placeholder expanded to its token count, and the loss labels.
+
+        ``image_tokens``: the token count of each image, in order (``image_token_counts``), or the number of
+        images when every image has ``num_image_tokens`` (no AnyRes)."""
+        if isinstance(image_tokens, int):
+            if self.config.anyres is not None:
+                raise SampleError("with AnyRes the image token counts depend on the image sizes; pass them")
+            image_tokens = [self.num_image_tokens] * image_tokens
+        expand = {self.image_token_id: list(image_tokens)}
+        placeholders = [(self.config.image_token, len(image_tokens), "image")]
+        if self.config.video is not None:
+            expand[self.video_token_id] = list(video_tokens)
+            placeholders.append((self.config.video.token, len(video_tokens), "video"))
+        elif video_tokens:
+            raise SampleError("this model takes no videos (its processor has no video settings)")
+        for placeholder, n, what in placeholders:
+            n_placeholders = sum(
+                m["content"].count(placeholder) for m in messages if isinstance(m.get("content"), str)
             )
+            if n_placeholders != n:
+                raise SampleError(
+                    f"{n_placeholders} {placeholder} placeholder(s) in the conversation but {n} {what}(s)"
+                )
         text, spans = render_with_spans(self.tokenizer, messages, add_generation_prompt)
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, labels = [], []
+        counts = {tid: iter(c) for tid, c in expand.items()}
         for tok, (start, end) in zip(enc["input_ids"], enc["offset_mapping"]):
-            if tok == self.image_token_id:
-                ids += [tok] * self.num_image_tokens
-                labels += [IGNORE_INDEX] * self.num_image_tokens
+            if tok in counts:
+                n = next(counts[tok])
+                ids += [tok] * n
+                labels += [IGNORE_INDEX] * n
                 continue
             in_reply = any(s <= start and end <= e and start < e for s, e in spans)
             ids.append(tok)
@@ -103,8 +218,9 @@ class Processor:
         limit = self.config.max_length
         if len(ids) <= limit:
             return ids, labels
-        # Any image token at or beyond the cut means an image would be cut through or dropped.
-        if self.image_token_id in ids[limit:]:
+        # Any image (video) token at or beyond the cut means an image would be cut through or dropped.
+        visual = {self.image_token_id, self.video_token_id}
+        if any(t in visual for t in ids[limit:]):
             raise SampleError(
                 f"sample is {len(ids)} tokens, over max_length {limit}, and truncating it would cut through an image"
             )
@@ -112,7 +228,7 @@ class Processor:
 
     # -- batches -------------------------------------------------------------------------------------------
     def collate(self, samples: Sequence[dict], padding_side: str = "right") -> dict[str, torch.Tensor | None]:
-        """Pad to the longest sample; images of all samples are concatenated in order."""
+        """Pad to the longest sample; images (videos) of all samples are concatenated in order."""
         T = max(len(s["input_ids"]) for s in samples)
         B = len(samples)
         input_ids = torch.full((B, T), self.pad_token_id, dtype=torch.long)
@@ -124,25 +240,38 @@ class Processor:
             input_ids[i, sl] = s["input_ids"]
             labels[i, sl] = s["labels"]
             attention_mask[i, sl] = 1
-        pix = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "labels": labels,
-            "pixel_values": torch.cat(pix) if pix else None,
-        }
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        pix = [s["pixel_values"] for s in samples if s.get("pixel_values") is not None]
+        batch["pixel_values"] = (pad_views(pix) if pix[0].dim() == 5 else torch.cat(pix)) if pix else None
+        if self.config.anyres is not None:
+            sizes = [s["image_sizes"] for s in samples if s.get("image_sizes") is not None]
+            batch["image_sizes"] = torch.cat(sizes) if sizes else None
+            if not self.config.anyres.tile_multi_image:
+                # OneVision: images per sample (samples without images left out, as transformers does).
+                counts = [len(s["image_sizes"]) for s in samples if s.get("image_sizes") is not None]
+                batch["batch_num_images"] = torch.tensor(counts) if counts else None
+        if self.config.video is not None:
+            vids = [s["pixel_values_videos"] for s in samples if s.get("pixel_values_videos") is not None]
+            if vids and len({v.shape[1] for v in vids}) > 1:
+                raise SampleError(
+                    f"videos in one batch must have the same frame count, got {[v.shape[1] for v in vids]}"
+                )
+            batch["pixel_values_videos"] = torch.cat(vids) if vids else None
+        return batch
 
     def __call__(
         self,
         conversations: Sequence[list[dict]],
         images: Sequence[Sequence] | None = None,
         add_generation_prompt: bool = True,
+        videos: Sequence[Sequence] | None = None,
     ) -> dict[str, torch.Tensor | None]:
         """A left-padded generation batch (the inference path; training calls ``encode`` + ``collate``)."""
         images = images if images is not None else [()] * len(conversations)
+        videos = videos if videos is not None else [()] * len(conversations)
         samples = [
-            self.encode(c, im, add_generation_prompt=add_generation_prompt)
-            for c, im in zip(conversations, images)
+            self.encode(c, im, v, add_generation_prompt=add_generation_prompt)
+            for c, im, v in zip(conversations, images, videos)
         ]
         return self.collate(samples, padding_side="left")
 
@@ -185,6 +314,23 @@ class Processor:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         config = from_dict(ProcessorConfig, settings["config"], f"{f}: config")
         return cls(tokenizer, config, settings["num_image_tokens"])
+
+
+def pad_views(views: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``[N_i, P_i, 3, S, S]`` (or ``[P_i, 3, S, S]``) blocks -> one ``[sum N_i, P_max, 3, S, S]``, zero-padded
+    along the views as transformers' AnyRes processors do."""
+    views = [v if v.dim() == 5 else v[None] for v in views]
+    p = max(v.shape[1] for v in views)
+    return torch.cat([torch.nn.functional.pad(v, (0, 0, 0, 0, 0, 0, 0, p - v.shape[1])) for v in views])
+
+
+# The model inputs besides the text that a batch may hold (all optional).
+VISUAL_KEYS = ("pixel_values", "image_sizes", "pixel_values_videos", "batch_num_images")
+
+
+def visual_inputs(batch: dict) -> dict[str, torch.Tensor]:
+    """The visual model inputs present in ``batch``."""
+    return {k: batch[k] for k in VISUAL_KEYS if batch.get(k) is not None}
 
 
 def to_device(batch: dict, device: torch.device | str) -> dict:

@@ -7,7 +7,7 @@ tokenizer.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -19,14 +19,19 @@ SPECIAL_TOKENS = [PAD, EOS, "<|system|>", "<|user|>", "<|assistant|>", "<image>"
 
 
 def train_bpe_tokenizer(
-    texts: Iterable[str], vocab_size: int = 512, chat_template: str = "tiny"
+    texts: Iterable[str],
+    vocab_size: int = 512,
+    chat_template: str = "tiny",
+    extra_special_tokens: Sequence[str] = (),
 ) -> PreTrainedTokenizerFast:
+    """``extra_special_tokens`` (e.g. ``<video>``) get the ids after the standard ones."""
+    specials = [*SPECIAL_TOKENS, *extra_special_tokens]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -35,7 +40,7 @@ def train_bpe_tokenizer(
         tokenizer_object=tok,
         pad_token=PAD,
         eos_token=EOS,
-        additional_special_tokens=SPECIAL_TOKENS[2:],
+        additional_special_tokens=specials[2:],
     )
     fast.chat_template = CHAT_TEMPLATES[chat_template]
     return fast

@@ -31,7 +31,7 @@ from vlmlab.data.dataset import SupervisedDataset, load_stage_records
 from vlmlab.errors import DataError, VlmlabError
 from vlmlab.io import JsonlWriter, atomic_write_json, atomic_write_text, read_jsonl
 from vlmlab.models.vlm import CONFIG_FILE, VisionLanguageModel
-from vlmlab.processing.processor import Processor, to_device
+from vlmlab.processing.processor import Processor, to_device, visual_inputs
 from vlmlab.training.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -266,8 +266,8 @@ class Trainer:
                 out = self.model(
                     input_ids=batch["input_ids"],
                     attention_mask=batch["attention_mask"],
-                    pixel_values=batch["pixel_values"],
                     labels=batch["labels"],
+                    **visual_inputs(batch),
                     supervised_logits_only=True,
                 )
             (out.loss / stage.grad_accum).backward()

@@ -1,5 +1,6 @@
 """Checkpoints in and out, one module per ``config.json`` ``model_type``: transformers' own (``llava``) and the
-original repositories' (``llava_llama``, haotian-liu/LLaVA).
+original repositories' (``llava_llama``, haotian-liu/LLaVA); ``llava_next``, ``llava_next_video`` and ``llava_onevision``
+share one module.
 
 [Contract] An importer module provides ``config_from_hf(hf_config: dict) -> ModelConfig``, ``KEY_MAP`` (a list of
 ``(transformers prefix, vlmlab prefix)`` pairs, applied to whole key prefixes) and ``export_config(model) -> dict``.
@@ -8,11 +9,15 @@ Key maps are declarative and loading fails loudly on missing, unexpected or mis-
 
 from vlmlab.interop.hf import llava
 from vlmlab.interop.hf.convert import export_hf, import_hf, is_hf_checkpoint
+from vlmlab.interop.hf.llava_next import hf_model_type, llava_next, llava_next_video, llava_onevision
 from vlmlab.interop.original import llava as original_llava
 from vlmlab.registry import Registry
 
 HF_FORMATS = Registry("transformers model type")
 HF_FORMATS["llava"] = llava
+HF_FORMATS["llava_next"] = llava_next
+HF_FORMATS["llava_next_video"] = llava_next_video
+HF_FORMATS["llava_onevision"] = llava_onevision
 HF_FORMATS["llava_llama"] = original_llava
 
-__all__ = ["HF_FORMATS", "export_hf", "import_hf", "is_hf_checkpoint"]
+__all__ = ["HF_FORMATS", "export_hf", "hf_model_type", "import_hf", "is_hf_checkpoint"]

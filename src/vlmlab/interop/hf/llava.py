@@ -90,10 +90,12 @@ def config_from_hf(hf: dict, preprocessor: dict | None = None) -> ModelConfig:
     )
 
 
-def export_config(model) -> dict:
-    """The transformers ``LlavaConfig`` of a vlmlab model (tower clip/siglip, connector mlp2x_gelu)."""
+def export_config(model, config_cls=None, **extra) -> dict:
+    """The transformers ``LlavaConfig`` (or ``config_cls`` with ``extra`` fields) of a vlmlab model (tower
+    clip/siglip, connector mlp2x_gelu)."""
     from transformers import AutoConfig, LlavaConfig
 
+    config_cls = config_cls or LlavaConfig
     cfg = model.config
     tower = {v: k for k, v in TOWERS.items()}.get(cfg.vision.name)
     if tower is None or cfg.connector.name != "mlp2x_gelu":
@@ -104,7 +106,7 @@ def export_config(model) -> dict:
     vision = AutoConfig.for_model(tower, image_size=cfg.vision.image_size, **cfg.vision.params)
     text = AutoConfig.for_model(cfg.language.model_type, **cfg.language.params)
     strategy = {v: k for k, v in STRATEGIES.items()}[cfg.vision.select_feature]
-    hf = LlavaConfig(
+    hf = config_cls(
         vision_config=vision,
         text_config=text,
         image_token_index=cfg.image_token_id,
@@ -113,6 +115,7 @@ def export_config(model) -> dict:
         vision_feature_select_strategy=strategy,
         projector_hidden_act="gelu",
         tie_word_embeddings=text.tie_word_embeddings,
+        **extra,
     )
     d = hf.to_dict()
     d["architectures"] = ["LlavaForConditionalGeneration"]
