@@ -7,12 +7,14 @@ decoded on every use so memory stays bounded for large datasets.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from vlmlab.data.formats import Record, load_records
 from vlmlab.errors import DataError
+from vlmlab.processing.layout import picks_front, to_front
 from vlmlab.processing.processor import Processor
 
 
@@ -27,6 +29,19 @@ def load_stage_records(
     if tasks is not None:
         out = [r for r in out if r.task in tasks]
     return out
+
+
+def mix_front_layout(records: list[Record], fraction: float, seed: int = 0) -> list[Record]:
+    """``fraction`` of the multi-image records (a stable choice by id) in the in-the-front layout, the rest as
+    they are: LLaVA-NeXT-Interleave trains on both layouts."""
+    if fraction <= 0:
+        return records
+    return [
+        dataclasses.replace(r, messages=to_front(r.messages)[0])
+        if len(r.images) > 1 and picks_front(r.id, fraction, seed)
+        else r
+        for r in records
+    ]
 
 
 class SupervisedDataset:

@@ -28,8 +28,9 @@ from vlmlab.models.language import architecture_params, build_language_model, ca
 from vlmlab.models.merge import merge_image_features
 from vlmlab.models.tiling import anyres
 
-# The parts a training stage can freeze or train, by name (see training/stages.py).
-PARTS = ("vision", "connector", "language")
+# The parts a training stage can freeze or train, by name (see training/stages.py). ``newline`` is LLaVA-NeXT's
+# learned ``image_newline`` (absent in models without it): its stage 1 trains the projector alone.
+PARTS = ("vision", "connector", "newline", "language")
 CONFIG_FILE = "config.json"
 IGNORE_INDEX = -100
 WEIGHTS_FILE = "model.safetensors"
@@ -69,17 +70,16 @@ class VisionLanguageModel(nn.Module):
         if frames is not None:
             video.check(frames)
         if (tiles is not None and tiles.newline) or (frames is not None and frames.newline != "no_token"):
-            # LLaVA-NeXT's learned row separator, initialised as randn / sqrt(d); it trains with the connector.
+            # LLaVA-NeXT's learned row separator, initialised as randn / sqrt(d) (its own trainable part).
             self.image_newline = nn.Parameter(torch.randn(d_lm) / math.sqrt(d_lm))
         else:
             self.image_newline = None
 
     def part_parameters(self, part: str) -> list[nn.Parameter]:
-        """The parameters of one trainable part (``PARTS``); ``image_newline`` belongs to the connector."""
-        params = list(getattr(self, part).parameters())
-        if part == "connector" and self.image_newline is not None:
-            params.append(self.image_newline)
-        return params
+        """The parameters of one trainable part (``PARTS``)."""
+        if part == "newline":
+            return [] if self.image_newline is None else [self.image_newline]
+        return list(getattr(self, part).parameters())
 
     # -- forward -------------------------------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from vlmlab.models.vlm import PARTS
 class Stage:
     name: str
     train: tuple[str, ...]
-    """Parts that train (``vision``, ``connector``, ``language``); every other part is frozen."""
+    """Parts that train (``vision``, ``connector``, ``newline``, ``language``); every other part is frozen."""
     lr: dict[str, float]
     """Peak learning rate per trained part (e.g. vision 10x below the LLM)."""
     steps: int
@@ -35,6 +35,9 @@ class Stage:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     betas: tuple[float, float] = (0.9, 0.999)
+    front_layout: float = 0.0
+    """Fraction of multi-image samples shown with every ``<image>`` moved to the front of the prompt (LLaVA-NeXT-
+    Interleave mixes both layouts); the rest keep their interleaved layout."""
     extra: dict = field(default_factory=dict)
     """Free-form notes recorded with the run (e.g. why the recipe is what it is)."""
 
@@ -53,12 +56,14 @@ def apply_stage(model: nn.Module, stage: Stage) -> list[dict]:
     """Freeze everything but ``stage.train``; return AdamW parameter groups, one per trained part."""
     groups = []
     for part in PARTS:
-        part_params = getattr(model, "part_parameters", None)
-        params = part_params(part) if part_params else list(getattr(model, part).parameters())
+        if hasattr(model, "part_parameters"):
+            params = model.part_parameters(part)
+        else:  # any module with attributes named like the parts
+            params = list(getattr(model, part).parameters()) if hasattr(model, part) else []
         trains = part in stage.train
         for p in params:
             p.requires_grad_(trains)
-        if trains:
+        if trains and params:
             groups.append(
                 {"name": part, "params": params, "lr": stage.lr[part], "weight_decay": stage.weight_decay}
             )

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from vlmlab.data.dataset import SupervisedDataset, load_stage_records
+from vlmlab.data.dataset import SupervisedDataset, load_stage_records, mix_front_layout
 from vlmlab.errors import DataError, VlmlabError
 from vlmlab.io import JsonlWriter, atomic_write_json, atomic_write_text, read_jsonl
 from vlmlab.models.vlm import CONFIG_FILE, VisionLanguageModel
@@ -166,6 +166,7 @@ class Trainer:
             raise TrainingError(
                 f"stage {stage.name!r}: no records in {list(stage.data)} (tasks {stage.tasks})"
             )
+        records = mix_front_layout(records, stage.front_layout, self.opt.seed)
         dataset = SupervisedDataset(records, self.processor)
         metrics = JsonlWriter(self.run_dir / "metrics.jsonl")
         quarantine = JsonlWriter(self.run_dir / "quarantine.jsonl")
