@@ -21,10 +21,12 @@ def nano():
 # Presets too large for this machine: built on the meta device (architecture only, no memory).
 REAL_SCALE = {"llava": 256, "llava-1.5": 576}  # visual tokens per image
 CPU_SCALE = {"tiny", "llava-1.5-tiny"}
+# Real-scale LLaVA-NeXT family: built on the meta device in tests/test_llava_next.py.
+NEXT_SCALE = {"llava-next", "llava-next-video", "llava-next-interleave"}
 
 
 def test_every_preset_is_covered():
-    assert set(PRESETS) == CPU_SCALE | set(REAL_SCALE) | {"nano"}
+    assert set(PRESETS) == CPU_SCALE | set(REAL_SCALE) | NEXT_SCALE | {"nano"}
 
 
 @pytest.mark.parametrize("name", sorted(REAL_SCALE))

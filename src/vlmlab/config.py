@@ -93,6 +93,9 @@ class VideoConfig:
     frame), ``one_token`` (once after the whole video)."""
     token: str = "<video>"
     """Placeholder written in prompts; expanded to one token per pooled feature row."""
+    as_images: bool = False
+    """LLaVA-NeXT-Interleave: a video is its frames as an interleaved image list (each ``<video>`` becomes one
+    ``<image>`` per frame, encoded like any image); pooling and newline settings are then unused."""
 
 
 @dataclass

@@ -61,10 +61,14 @@ class SupervisedDataset:
         try:
             images = proc.load_images(rec.images)
             videos = proc.load_videos(getattr(rec, "videos", []))
+            messages = rec.messages
+            if videos and proc.config.video.as_images:
+                messages, images = proc.videos_as_images(messages, images, videos)
+                videos = []
             text = self._text_cache.get(i)
             if text is None:
                 text = proc.encode_text(
-                    rec.messages,
+                    messages,
                     proc.image_token_counts(images),
                     video_tokens=proc.video_token_counts(videos),
                     train=True,

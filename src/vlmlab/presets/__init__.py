@@ -5,6 +5,7 @@ Add one: a function in a file of this folder that returns a ``Preset``, and one 
 
 from vlmlab.presets.base import Preset
 from vlmlab.presets.llava import llava, llava_1_5, llava_1_5_tiny
+from vlmlab.presets.llava_next import llava_next, llava_next_interleave, llava_next_video
 from vlmlab.presets.nano import nano
 from vlmlab.presets.tiny import tiny
 from vlmlab.registry import Registry
@@ -15,5 +16,8 @@ PRESETS["nano"] = nano
 PRESETS["llava"] = llava
 PRESETS["llava-1.5"] = llava_1_5
 PRESETS["llava-1.5-tiny"] = llava_1_5_tiny
+PRESETS["llava-next"] = llava_next
+PRESETS["llava-next-video"] = llava_next_video
+PRESETS["llava-next-interleave"] = llava_next_interleave
 
 __all__ = ["PRESETS", "Preset"]

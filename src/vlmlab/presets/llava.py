@@ -51,8 +51,9 @@ VICUNA_7B = {
 }
 
 
-def _pretrained_tokenizer(config: ModelConfig):
-    """The decoder's own tokenizer, with the v1 template and the image placeholder added."""
+def _pretrained_tokenizer(config: ModelConfig, video: bool = False, template: str | None = "llava-v1"):
+    """The decoder's own tokenizer with the image (and video) placeholder added, rendering with ``template``
+    (``None``: the tokenizer's own chat template, e.g. Qwen's ChatML)."""
 
     def make():
         from transformers import AutoTokenizer
@@ -61,12 +62,13 @@ def _pretrained_tokenizer(config: ModelConfig):
 
         if not config.language.pretrained:
             raise ConfigError(
-                f"preset {config.preset!r}: set language.pretrained to a local Vicuna/Llama directory "
+                f"preset {config.preset!r}: set language.pretrained to a local decoder directory "
                 "(its tokenizer and weights); no hub downloads here"
             )
         tok = AutoTokenizer.from_pretrained(resolve_pretrained(config.language.pretrained))
-        tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-        tok.chat_template = CHAT_TEMPLATES["llava-v1"]
+        tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN, *(["<video>"] if video else [])]})
+        if template is not None:
+            tok.chat_template = CHAT_TEMPLATES[template]
         return tok
 
     return make

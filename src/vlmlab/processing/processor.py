@@ -63,6 +63,8 @@ class Processor:
         ]
 
     def video_token_counts(self, videos: Sequence[Sequence[Image.Image]]) -> list[int]:
+        if videos and self.config.video.as_images:
+            raise SampleError("videos are image lists for this model: call videos_as_images first")
         return [video_tokens.num_tokens(len(v), self.config.video, self.grid_side) for v in videos]
 
     # -- single samples ------------------------------------------------------------------------------------
@@ -112,6 +114,9 @@ class Processor:
 
         Raises ``SampleError`` / ``ImageError`` (one line) when the sample cannot be used as it is."""
         ims, vids = self.load_images(images), self.load_videos(videos)
+        if vids and self.config.video.as_images:
+            messages, ims = self.videos_as_images(messages, ims, vids)
+            vids = []
         out = self.encode_text(
             messages,
             self.image_token_counts(ims),
@@ -120,6 +125,34 @@ class Processor:
             video_tokens=self.video_token_counts(vids),
         )
         return {**out, **self.encode_visuals(ims, vids)}
+
+    def videos_as_images(
+        self, messages: list[dict], images: list[Image.Image], videos: list[list[Image.Image]]
+    ) -> tuple[list[dict], list[Image.Image]]:
+        """Each ``<video>`` replaced by one ``<image>`` per frame, and the frames put into the image list where the
+        video stands among the images (interleaved image lists, LLaVA-NeXT-Interleave)."""
+        image_ph, video_ph = self.config.image_token, self.config.video.token
+        ims, vids, out_images, out = iter(images), iter(videos), [], []
+        for m in messages:
+            content = m.get("content")
+            if not isinstance(content, str):
+                out.append(m)
+                continue
+            parts = []
+            for i, piece in enumerate(content.split(video_ph)):
+                if i:  # a video stood before this piece
+                    frames = next(vids, None)
+                    if frames is None:
+                        raise SampleError(f"more {video_ph} placeholders than videos ({len(videos)})")
+                    out_images += frames
+                    parts.append(image_ph * len(frames))
+                out_images += [im for im in (next(ims, None) for _ in range(piece.count(image_ph))) if im]
+                parts.append(piece)
+            out.append({**m, "content": "".join(parts)})
+        if next(vids, None) is not None:
+            raise SampleError(f"more videos ({len(videos)}) than {video_ph} placeholders")
+        # Images without a placeholder stay in the list: the count check then names the mismatch.
+        return out, out_images + list(ims)
 
     def encode_visuals(
         self, images: Sequence[Image.Image], videos: Sequence[Sequence[Image.Image]] = ()

@@ -1,0 +1,177 @@
+"""LLaVA-NeXT (1.6), LLaVA-NeXT-Video and LLaVA-NeXT-Interleave (SYSTEMS.md §11-13) at the papers' scale, and
+their CPU-scale variants that train on the embedded world.
+
+- ``llava-next``: LLaVA-1.5's parts plus AnyRes (base view + tiles of the best of five grid resolutions,
+  padding unpadded from the features, a learned ``image_newline`` after every row); stage 2 also trains the tower.
+- ``llava-next-video``: frames as images, 2D average pooling with stride 2 (before the projector, as transformers
+  does; ``pool_position="after"`` is the LLaVA-NeXT repository's order), linear RoPE scaling for longer videos.
+- ``llava-next-interleave``: SigLIP-SO400M + Qwen1.5; multi-image, video frames and multi-view all as interleaved
+  image lists; trained on a mix of the interleaved and in-the-front layouts. Like the hub's
+  ``llava-interleave-qwen-*-hf`` checkpoints, it has no AnyRes and exports as ``llava``.
+
+The real-scale presets take the decoder and tokenizer from a local directory (``language.pretrained``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from vlmlab.config import (
+    AnyResConfig,
+    LanguageConfig,
+    ModelConfig,
+    ProcessorConfig,
+    VideoConfig,
+    VisionConfig,
+)
+from vlmlab.presets.base import Preset
+from vlmlab.presets.llava import _pretrained_tokenizer, _real_scale
+from vlmlab.training.stages import Stage
+
+# The shipped LLaVA-1.6 configs' pinpoints, (height, width): 2x1, 1x2, 2x2, 3x1, 1x3 tiles of 336.
+NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+EVERYTHING = ("vision", "connector", "newline", "language")
+
+# google/siglip-so400m-patch14-384 as the interleave checkpoints ship it: its last layer removed, so layer -1
+# is the original penultimate one; 27 x 27 = 729 tokens, no CLS.
+SIGLIP_SO400M = {
+    "hidden_size": 1152,
+    "intermediate_size": 4304,
+    "num_hidden_layers": 26,
+    "num_attention_heads": 16,
+    "patch_size": 14,
+}
+QWEN1_5_7B = {
+    "vocab_size": 151936,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "max_position_embeddings": 32768,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0},
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+}
+
+
+def with_linear_rope(config: ModelConfig, factor: float) -> ModelConfig:
+    """The decoder with linear RoPE scaling by ``factor`` (positions divided by it): LLaVA-NeXT-Video's length
+    extrapolation, trained at 4096 tokens and run at ``factor`` x 4096."""
+    params = dict(config.language.params)
+    theta = params.get("rope_parameters", {}).get("rope_theta", params.get("rope_theta", 10000.0))
+    params["rope_parameters"] = {"rope_type": "linear", "factor": float(factor), "rope_theta": theta}
+    return dataclasses.replace(config, language=dataclasses.replace(config.language, params=params))
+
+
+def _next_stages(
+    align_steps: int, instruct_steps: int, batch: tuple[int, int], lr: dict, **common
+) -> list[Stage]:
+    """LLaVA-NeXT's recipe: align trains the projector alone; instruct trains everything, the tower 10x slower."""
+    return [
+        Stage(
+            name="align",
+            train=("connector",),
+            lr={"connector": lr["align"]},
+            steps=align_steps,
+            batch_size=batch[0],
+            **common,
+        ),
+        Stage(
+            name="instruct",
+            train=EVERYTHING,
+            lr={p: lr[p] for p in EVERYTHING},
+            steps=instruct_steps,
+            batch_size=batch[1],
+            **common,
+        ),
+    ]
+
+
+def _next_config(name: str) -> ModelConfig:
+    config = _real_scale(name, image_size=336, connector="mlp2x_gelu", pad_to_square=False)
+    processor = dataclasses.replace(
+        config.processor, anyres=AnyResConfig(grid_pinpoints=NEXT_PINPOINTS), max_length=4096
+    )
+    return dataclasses.replace(config, processor=processor)
+
+
+def llava_next() -> Preset:
+    """LLaVA-NeXT-7B (Vicuna): CLIP-L/14-336, mlp2x_gelu, AnyRes over 5 pinpoints (up to 2880 tokens)."""
+    config = _next_config("llava-next")
+    # LCS-558K at batch 256, then 760K instructions at batch 128 (1 epoch each); tower lr 2e-6 (mm_vision_tower_lr).
+    lr = {"align": 1e-3, "vision": 2e-6, "connector": 2e-5, "newline": 2e-5, "language": 2e-5}
+    recipe = _next_stages(2180, 5938, (256, 128), lr)
+    return Preset(
+        "llava-next",
+        config,
+        _pretrained_tokenizer(config),
+        recipe,
+        description="LLaVA-NeXT (CLIP-L/14-336 + mlp2x_gelu + AnyRes)",
+    )
+
+
+def llava_next_video() -> Preset:
+    """LLaVA-NeXT-Video-7B: LLaVA-NeXT plus 16 frames x 144 pooled tokens, RoPE scaled x2 (8192 tokens)."""
+    config = _next_config("llava-next-video")
+    video = VideoConfig(num_frames=16, max_frames=64, pool="average", stride=2, pool_position="before")
+    config = dataclasses.replace(
+        config, processor=dataclasses.replace(config.processor, video=video, max_length=8192)
+    )
+    config = with_linear_rope(config, 2.0)
+    # Starts from LLaVA-NeXT-Image weights; video SFT trains everything (the DPO stage is not part of vlmlab yet).
+    recipe = [
+        Stage(
+            name="video-sft",
+            train=EVERYTHING,
+            lr={"vision": 2e-6, "connector": 2e-5, "newline": 2e-5, "language": 2e-5},
+            steps=5000,
+            batch_size=128,
+            warmup_steps=150,
+        )
+    ]
+    return Preset(
+        "llava-next-video",
+        config,
+        _pretrained_tokenizer(config, video=True),
+        recipe,
+        description="LLaVA-NeXT-Video (frames pooled 2x2, linear RoPE x2)",
+    )
+
+
+def llava_next_interleave() -> Preset:
+    """LLaVA-NeXT-Interleave-7B: SigLIP-SO400M/14-384 (729 tokens per image), mlp2x_gelu, Qwen1.5-7B; videos are
+    image lists of 16 frames; full fine-tune on M4-Instruct (~1.18M) mixing both prompt layouts."""
+    config = ModelConfig(
+        vision=VisionConfig(
+            name="siglip", image_size=384, select_layer=-1, select_feature="patch", params=dict(SIGLIP_SO400M)
+        ),
+        language=LanguageConfig(model_type="qwen2", params=dict(QWEN1_5_7B)),
+        processor=ProcessorConfig(
+            image_size=384,
+            image_mean=(0.5, 0.5, 0.5),
+            image_std=(0.5, 0.5, 0.5),
+            resize="squash",
+            max_length=32768,
+            video=VideoConfig(num_frames=16, as_images=True),
+        ),
+        preset="llava-next-interleave",
+    )
+    recipe = [
+        Stage(
+            name="interleave-sft",
+            train=EVERYTHING,
+            lr={p: 1e-5 for p in EVERYTHING} | {"vision": 2e-6},
+            steps=9219,
+            batch_size=128,
+            warmup_steps=277,
+            front_layout=0.5,
+        )
+    ]
+    return Preset(
+        "llava-next-interleave",
+        config,
+        _pretrained_tokenizer(config, video=False, template=None),
+        recipe,
+        description="LLaVA-NeXT-Interleave (SigLIP-SO400M + Qwen1.5, interleaved image lists)",
+    )
