@@ -250,3 +250,37 @@ def test_processor_token_counts_match_transformers_for_random_sizes(tmp_path, to
         with torch.no_grad():
             rows = ours.image_features(pix["pixel_values"], pix["image_sizes"])
         assert rows.shape[0] == n
+
+
+def test_bad_checkpoints_fail_with_one_line(tmp_path, tok):
+    from safetensors.torch import load_file, save_file
+
+    from vlmlab.errors import CheckpointError, ConfigError
+    from vlmlab.registry import UnknownNameError
+
+    hf, path = hf_model("llava_next_video", tok, tmp_path)
+    # A sharded checkpoint with a shard missing.
+    sharded = tmp_path / "sharded"
+    hf.save_pretrained(sharded, max_shard_size="40KB")
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1
+    (sharded / shards[-1]).unlink()
+    with pytest.raises(CheckpointError, match=f"{shards[-1]}: shard listed in the index is missing") as e:
+        vlmlab.from_pretrained(sharded)
+    assert "\n" not in str(e.value)
+    # A tensor of the wrong shape.
+    weights = load_file(str(path / "model.safetensors"))
+    save_file({**weights, "image_newline": torch.zeros(7)}, str(path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="mis-shaped.*image_newline: \\(7,\\) vs \\(32,\\)"):
+        vlmlab.from_pretrained(path)
+    save_file(weights, str(path / "model.safetensors"))
+    # A pooling mode vlmlab does not implement, and a model type it does not know.
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "spatial_pool_mode": "conv"}))
+    with pytest.raises(ConfigError, match="spatial_pool_mode 'conv' is not supported"):
+        vlmlab.from_pretrained(path)
+    (path / "config.json").write_text(json.dumps({**cfg, "model_type": "qwen2_vl"}))
+    with pytest.raises(UnknownNameError, match="qwen2_vl.*llava_next_video") as e:
+        vlmlab.from_pretrained(path)
+    assert "\n" not in str(e.value)
