@@ -15,8 +15,11 @@ def build(preset: str | Preset, load_pretrained: bool = True) -> tuple[VisionLan
     """A fresh model and its processor from a preset name (see ``vlmlab presets``) or a ``Preset``."""
     p = PRESETS[preset]() if isinstance(preset, str) else preset
     tokenizer = p.make_tokenizer()
+    video = p.config.processor.video
     config = dataclasses.replace(
-        p.config, image_token_id=tokenizer.convert_tokens_to_ids(p.config.processor.image_token)
+        p.config,
+        image_token_id=tokenizer.convert_tokens_to_ids(p.config.processor.image_token),
+        video_token_id=tokenizer.convert_tokens_to_ids(video.token) if video and not video.as_images else -1,
     )
     model = VisionLanguageModel(config, load_pretrained=load_pretrained)
     return model, Processor(tokenizer, config.processor, model.num_image_tokens)
@@ -29,7 +32,8 @@ def save(model: VisionLanguageModel, processor: Processor, path: str | os.PathLi
 
 
 def from_pretrained(path: str | os.PathLike) -> VisionLanguageModel:
-    """A model from a vlmlab directory or a transformers checkpoint directory (``llava``), as vlmlab's own
+    """A model from a vlmlab directory or a transformers checkpoint directory (``llava``, ``llava_next``,
+    ``llava_next_video``, ``llava_onevision``; the original LLaVA repository's ``llava_llama``), as vlmlab's own
     composition: transformers' weights are mapped onto vlmlab's parts, not wrapped."""
     from vlmlab.interop.hf import HF_FORMATS, import_hf, is_hf_checkpoint
 
