@@ -162,3 +162,54 @@ def test_imported_preprocessing_matches_the_checkpoints_image_processor(tmp_path
     b["pixel_values"] = torch.cat([ref_pixels, ref_pixels[:1]])
     with torch.no_grad():
         torch.testing.assert_close(ours(**b).logits, hf(**b).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_processor_matches_llava_processor(tmp_path):
+    """vlmlab's processor makes the input_ids and pixel_values of transformers' LlavaProcessor (several images
+    per prompt, different aspect ratios, left padding), and the imported model then gives its logits."""
+    import numpy as np
+    from PIL import Image
+    from tests.conftest import TEXTS
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    from vlmlab.processing.processor import Processor
+    from vlmlab.processing.tokenizer import train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer(TEXTS, vocab_size=320)
+    tok.padding_side = "left"
+    hf, path = hf_llava(tmp_path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["image_token_index"] = tok.convert_tokens_to_ids("<image>")
+    cfg["text_config"]["vocab_size"] = len(tok)
+    (path / "config.json").write_text(json.dumps(cfg))
+    torch.manual_seed(0)
+    hf = LlavaForConditionalGeneration(LlavaConfig.from_pretrained(path)).eval()
+    hf.save_pretrained(path)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    image_processor.save_pretrained(path)
+    ours = vlmlab.from_pretrained(path).eval()
+    proc = Processor(tok, ours.config.processor, ours.num_image_tokens)
+    ref_proc = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    rng = np.random.default_rng(0)
+    ims = [
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        for w, h in [(50, 30), (20, 90), (33, 33)]
+    ]
+    convs = [
+        [{"role": "user", "content": "<image>\n<image>\nWhich image has more shapes?"}],
+        [{"role": "user", "content": "<image>\nWhat color is the shape?"}],
+    ]
+    texts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in convs]
+    ref = ref_proc(images=ims, text=texts, padding=True, return_tensors="pt")
+    got = proc(convs, [ims[:2], ims[2:]])
+    for key in ("input_ids", "attention_mask", "pixel_values"):
+        assert torch.equal(got[key], ref[key]), key
+    with torch.no_grad():
+        mask = ref["attention_mask"].bool()
+        torch.testing.assert_close(ours(**got).logits[mask], hf(**ref).logits[mask], atol=1e-4, rtol=1e-4)
