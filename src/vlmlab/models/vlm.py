@@ -237,9 +237,11 @@ class VisionLanguageModel(nn.Module):
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
     def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
-        """New token ids ``[B, T_new]``; see ``vlmlab.inference.generate.generate``."""
+        """New token ids ``[B, T_new]``; see ``vlmlab.inference.generate.generate``. Takes a processor batch as
+        it is (``labels``, meaningless here, are ignored)."""
         from vlmlab.inference.generate import generate
 
+        kwargs.pop("labels", None)
         return generate(self, input_ids, **kwargs)
 
     # -- persistence ---------------------------------------------------------------------------------------
