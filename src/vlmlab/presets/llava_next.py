@@ -175,3 +175,110 @@ def llava_next_interleave() -> Preset:
         recipe,
         description="LLaVA-NeXT-Interleave (SigLIP-SO400M + Qwen1.5, interleaved image lists)",
     )
+
+
+# -- CPU scale: the same structures on the embedded world ----------------------------------------------------
+TINY_VIEW = 32  # pixels per view of llava-next-tiny (tile and base view)
+
+
+def _tiny_config(
+    name: str, *, view: int, pool: int, anyres: bool, video: VideoConfig | None = None
+) -> ModelConfig:
+    """The ``tiny`` preset's ConvNet tower (it learns shapes within CPU minutes; a from-scratch ViT does not) at
+    ``view`` pixels per view, ``mlp2x_gelu``, the small Llama; AnyRes over the NeXT pinpoints scaled to ``view``."""
+    from vlmlab.presets.tiny import TINY_LLAMA
+
+    pinpoints = [[p[0] * view // 336, p[1] * view // 336] for p in NEXT_PINPOINTS]
+    return ModelConfig(
+        vision=VisionConfig(
+            name="convnet", image_size=view, params={"channels": [32, 64, 128], "pool": pool}
+        ),
+        language=LanguageConfig(model_type="llama", params=dict(TINY_LLAMA)),
+        processor=ProcessorConfig(
+            image_size=view,
+            image_mean=(0.5, 0.5, 0.5),
+            image_std=(0.5, 0.5, 0.5),
+            pad_to_square=not anyres,
+            max_length=256,
+            anyres=AnyResConfig(grid_pinpoints=pinpoints) if anyres else None,
+            video=video,
+        ),
+        preset=name,
+    )
+
+
+def _tiny_recipe(tasks: tuple[str, ...] | None, steps: int, front_layout: float = 0.0) -> list[Stage]:
+    """From scratch, as ``tiny``: captions first with every part training (the tower 10x slower), then the
+    tasks with the tower frozen."""
+    lr = {"vision": 3e-4, "connector": 2e-3, "newline": 2e-3, "language": 2e-3}
+    return [
+        Stage(
+            name="align",
+            train=EVERYTHING,
+            lr=lr,
+            steps=300,
+            tasks=("caption",),
+            batch_size=32,
+            warmup_steps=30,
+        ),
+        Stage(
+            name="instruct",
+            train=EVERYTHING,
+            lr=lr,
+            steps=steps,
+            tasks=tasks,
+            batch_size=32,
+            warmup_steps=30,
+            front_layout=front_layout,
+        ),
+    ]
+
+
+def _tiny_tokenizer(*extra: str):
+    from vlmlab.presets.tiny import world_tokenizer
+
+    return lambda: world_tokenizer(extra_special_tokens=extra)
+
+
+def llava_next_tiny() -> Preset:
+    """LLaVA-NeXT at CPU scale: 32-px views (16 tokens each), AnyRes up to 2 x 2 tiles (64 px), newline, unpad."""
+    config = _tiny_config("llava-next-tiny", view=TINY_VIEW, pool=1, anyres=True)
+    return Preset(
+        "llava-next-tiny",
+        config,
+        _tiny_tokenizer(),
+        _tiny_recipe(None, 1500),
+        description="LLaVA-NeXT structure at CPU scale (AnyRes over 32-px tiles)",
+    )
+
+
+def llava_next_video_tiny() -> Preset:
+    """LLaVA-NeXT-Video at CPU scale: 8 frames of 64 px, 8 x 8 tokens pooled to 4 x 4 (stride 2) per frame."""
+    video = VideoConfig(num_frames=8, max_frames=32, pool="average", stride=2, pool_position="before")
+    config = _tiny_config("llava-next-video-tiny", view=64, pool=1, anyres=True, video=video)
+    return Preset(
+        "llava-next-video-tiny",
+        config,
+        _tiny_tokenizer("<video>"),
+        _tiny_recipe(("video",), 1200),
+        description="LLaVA-NeXT-Video structure at CPU scale (frames pooled 2 x 2)",
+    )
+
+
+def llava_next_interleave_tiny() -> Preset:
+    """LLaVA-NeXT-Interleave at CPU scale: 64-px images of 16 tokens, multi-image prompts, videos as image lists,
+    half of the multi-image samples in the in-the-front layout."""
+    config = _tiny_config(
+        "llava-next-interleave-tiny",
+        view=64,
+        pool=2,
+        anyres=False,
+        video=VideoConfig(num_frames=4, as_images=True),
+    )
+    return Preset(
+        "llava-next-interleave-tiny",
+        config,
+        _tiny_tokenizer("<video>"),
+        _tiny_recipe(("multi",), 1200, front_layout=0.5),
+        description="LLaVA-NeXT-Interleave structure at CPU scale (interleaved image lists)",
+    )

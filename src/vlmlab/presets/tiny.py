@@ -34,13 +34,18 @@ TINY_LLAMA = {
 }
 
 
-def world_tokenizer(chat_template: str = "tiny", extra_texts: tuple[str, ...] = ()):
+def world_tokenizer(
+    chat_template: str = "tiny", extra_texts: tuple[str, ...] = (), extra_special_tokens: tuple[str, ...] = ()
+):
     """A BPE tokenizer trained on the embedded world's text (deterministic, no download); ``extra_texts`` (e.g.
-    a template's system prompt) join the corpus so that they tokenize compactly too."""
+    a template's system prompt) join the corpus so that they tokenize compactly too; ``extra_special_tokens``
+    (e.g. ``<video>``) are added after the standard ones."""
     from vlmlab.data.world.corpus import corpus
 
     texts = corpus() + [t for t in extra_texts for _ in range(20)]
-    return train_bpe_tokenizer(texts, vocab_size=VOCAB_SIZE, chat_template=chat_template)
+    return train_bpe_tokenizer(
+        texts, vocab_size=VOCAB_SIZE, chat_template=chat_template, extra_special_tokens=extra_special_tokens
+    )
 
 
 def tiny() -> Preset:
