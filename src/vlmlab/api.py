@@ -43,6 +43,15 @@ def from_pretrained(path: str | os.PathLike) -> VisionLanguageModel:
 
 
 def load(path: str | os.PathLike) -> tuple[VisionLanguageModel, Processor]:
-    """Load a model directory or a training checkpoint (both hold the same files)."""
+    """Load a model directory or a training checkpoint (both hold the same files), or a transformers
+    checkpoint directory with its tokenizer (the processor then follows its config and preprocessor_config)."""
+    from vlmlab.interop.hf import is_hf_checkpoint
+
     path = Path(path)
+    if is_hf_checkpoint(path):
+        from transformers import AutoTokenizer
+
+        model = from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        return model, Processor(tokenizer, model.config.processor, model.num_image_tokens)
     return VisionLanguageModel.from_pretrained(path), Processor.from_pretrained(path)

@@ -127,6 +127,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
             processor,
             args.question,
             images=args.image or [],
+            videos=args.video or [],
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
             top_p=args.top_p,
@@ -196,9 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-blind", action="store_true", help="skip the blind baseline")
     s.set_defaults(fn=cmd_eval)
 
-    s = sub.add_parser("chat", help="answer one question about images from the command line")
+    s = sub.add_parser("chat", help="answer one question about images or videos from the command line")
     s.add_argument("--checkpoint", required=True)
     s.add_argument("--image", action="append", help="an image file (repeat for several)")
+    s.add_argument("--video", action="append", help="a video file, decoded with PyAV (repeat for several)")
     s.add_argument("question")
     s.add_argument("--max-new-tokens", type=_positive_int, default=64)
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")

@@ -284,3 +284,19 @@ def test_bad_checkpoints_fail_with_one_line(tmp_path, tok):
     with pytest.raises(UnknownNameError, match="qwen2_vl.*llava_next_video") as e:
         vlmlab.from_pretrained(path)
     assert "\n" not in str(e.value)
+
+
+def test_load_a_transformers_directory_with_its_tokenizer_and_chat(tmp_path, tok):
+    """``vlmlab.load`` (what ``vlmlab chat`` / ``eval`` use) takes a transformers directory with its tokenizer;
+    the answer is transformers' greedy answer."""
+    from vlmlab.inference.chat import answer
+
+    hf, path = hf_model("llava_next", tok, tmp_path)
+    tok.save_pretrained(path)
+    model, proc = vlmlab.load(path)
+    image = images(SIZES[:1])[0]
+    reply = answer(model, proc, "What color is the shape?", images=[image], max_new_tokens=4)
+    batch = proc([[{"role": "user", "content": "<image>\nWhat color is the shape?"}]], [[image]])
+    batch.pop("labels")
+    ref = hf.generate(**batch, max_new_tokens=4, do_sample=False)[0, batch["input_ids"].shape[1] :]
+    assert reply == proc.decode(ref.tolist())
