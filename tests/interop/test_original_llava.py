@@ -75,3 +75,46 @@ def test_a_hub_id_as_vision_tower_is_a_clear_error(tmp_path):
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="openai/clip-vit-large-patch14-336.*not a local directory"):
         vlmlab.from_pretrained(path)
+
+
+def test_original_llava_next_layout_matches_the_transformers_conversion(tmp_path):
+    """A LLaVA-1.6 checkpoint of the original layout (anyres, spatial_unpad, ``model.image_newline``, pinpoints
+    as (width, height)) gives the logits of its transformers ``llava_next`` conversion."""
+    from tests.conftest import TEXTS
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    from vlmlab.processing.tokenizer import train_bpe_tokenizer
+
+    from .test_hf_llava_next import PINPOINTS, SIZES, hf_model, images
+
+    tok = train_bpe_tokenizer(TEXTS, vocab_size=320, extra_special_tokens=["<video>"])
+    hf, _ = hf_model("llava_next", tok, tmp_path)
+    path = write_original_layout(hf, tmp_path)
+    state = vlmlab.interop.hf.convert.read_hf_tensors(path)
+    state["model.image_newline"] = hf.model.image_newline.detach().clone()
+    save_file(state, str(path / "model.safetensors"))
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(
+        image_aspect_ratio="anyres",
+        mm_patch_merge_type="spatial_unpad",
+        image_grid_pinpoints=[[w, h] for h, w in PINPOINTS],
+    )
+    (path / "config.json").write_text(json.dumps(cfg))
+    ours = vlmlab.from_pretrained(path).eval()
+    assert ours.config.processor.anyres.grid_pinpoints == PINPOINTS
+    ip = LlavaNextImageProcessorPil(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=PINPOINTS
+    )
+    ims = images(SIZES[:2])
+    pix = ip(ims, return_tensors="pt")
+    image_id = tok.convert_tokens_to_ids("<image>")
+    counts = [
+        vlmlab.models.tiling.anyres.num_tokens((im.height, im.width), ours.config.processor.anyres, 32, 4)
+        for im in ims
+    ]
+    ids = torch.tensor([[7, 8] + [image_id] * counts[0] + [9] + [image_id] * counts[1] + [10, 11]])
+    b = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **pix}
+    with torch.no_grad():
+        ref = hf(**b).logits
+        got = ours(**dict(b, input_ids=ids.masked_fill(ids == image_id, ORIGINAL))).logits
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from vlmlab.config import (
     CLIP_MEAN,
     CLIP_STD,
+    AnyResConfig,
     ConnectorConfig,
     LanguageConfig,
     ModelConfig,
@@ -32,6 +33,7 @@ KEY_MAP = [
     ("model.mm_projector.0.", "connector.layers.0."),
     ("model.mm_projector.2.", "connector.layers.2."),
     ("model.mm_projector.", "connector.layers.0."),
+    ("model.image_newline", "image_newline"),
     ("model.vision_tower.vision_tower.vision_model.", "vision.model."),
     ("model.vision_tower.vision_tower.", "vision.model."),
     ("model.", "language.model."),
@@ -69,7 +71,22 @@ def config_from_hf(hf: dict, preprocessor: dict | None = None) -> ModelConfig:
     vision_params = architecture_fields(tower_cfg)
     image_size = vision_params.pop("image_size")
     lm_params = {k: v for k, v in architecture_fields(hf).items() if not k.startswith(_MM_KEYS)}
-    pad = hf.get("image_aspect_ratio") == "pad"
+    aspect = hf.get("image_aspect_ratio")
+    pad = aspect == "pad"
+    anyres = None
+    if aspect == "anyres":
+        merge = hf.get("mm_patch_merge_type", "flat")
+        if merge not in ("spatial_unpad", "spatial"):
+            raise ConfigError(
+                f"llava (original layout): mm_patch_merge_type {merge!r} with anyres is not supported"
+            )
+        pinpoints = hf["image_grid_pinpoints"]
+        if isinstance(pinpoints, str):  # some configs store the Python literal
+            import ast
+
+            pinpoints = ast.literal_eval(pinpoints)
+        unpad = merge == "spatial_unpad"
+        anyres = AnyResConfig(grid_pinpoints=[[h, w] for w, h in pinpoints], unpad=unpad, newline=unpad)
     return ModelConfig(
         vision=VisionConfig(
             name=name,
@@ -86,9 +103,10 @@ def config_from_hf(hf: dict, preprocessor: dict | None = None) -> ModelConfig:
             image_std=CLIP_STD,
             pad_to_square=pad,
             resize="shortest_edge_crop",
+            anyres=anyres,
         ),
         image_token_id=IMAGE_TOKEN_INDEX,
-        preset="llava-1.5" if projector == "mlp2x_gelu" else "llava",
+        preset="llava-next" if anyres else "llava-1.5" if projector == "mlp2x_gelu" else "llava",
     )
 
 
