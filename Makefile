@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test lint format setup clean
+.PHONY: demo bench test lint format setup clean
 
 $(STAMP):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/vlmlab demo
+
+bench: $(STAMP)
+	$(BIN)/vlmlab bench --out runs/bench/bench.json
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests scripts

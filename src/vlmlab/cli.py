@@ -143,6 +143,18 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(Path(args.run_dir), Path(args.world), seed=args.seed, progress=not args.no_progress)
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from vlmlab.bench import format_table, run_bench
+    from vlmlab.io import atomic_write_json
+
+    result = run_bench("quick" if args.quick else "mid", threads=args.threads, bf16=args.bf16)
+    print(format_table(result))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, result)
+    print(f"results: {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vlmlab", description="Build, train, evaluate and serve vision-language models."
@@ -215,6 +227,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(fn=cmd_demo)
+
+    s = sub.add_parser(
+        "bench",
+        help="vlmlab against transformers' LlavaForConditionalGeneration (same weights): speed ratios",
+    )
+    s.add_argument("--out", default="runs/bench/bench.json", help="where to write the JSON results")
+    s.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's own choice)")
+    s.add_argument("--bf16", action="store_true", help="also time the training step under bf16 autocast")
+    s.add_argument(
+        "--quick", action="store_true", help="a tiny model: seconds, for tests (figures mean nothing)"
+    )
+    s.set_defaults(fn=cmd_bench)
     return p
 
 

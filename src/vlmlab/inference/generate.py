@@ -4,6 +4,11 @@ padding.
 Works on token ids only (no tokenizer): stop strings are checked by a caller-supplied ``stop`` callback, which
 the processor builds (``Processor.stop_checker``). ``use_cache=False`` re-runs the whole sequence every step; it
 exists so tests can prove the cached path gives the same tokens.
+
+Decoding a token reads every weight once, so its speed is memory traffic (measured by ``vlmlab bench``, see
+docs/bench.md). Three things keep that traffic down: the KV cache lives in buffers allocated once for the whole
+generation (a growing cache copies all of it for every token and layer), the LM head runs only on the last
+position (at prefill too), and the head is computed as ``W @ h.T``, which streams its large ``[V, D]`` weight once.
 """
 
 from __future__ import annotations
@@ -11,9 +16,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from vlmlab.models.language import cache_kwargs, returned_cache
-from vlmlab.models.vlm import positions_from_mask
+from vlmlab.models.language import cache_kwargs
+from vlmlab.models.vlm import _plain_head, positions_from_mask
 
 
 def sample_next(
@@ -34,6 +40,55 @@ def sample_next(
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A transformers ``DynamicLayer`` whose keys and values live in buffers of ``max_len`` positions, allocated
+    at prefill: appending a token writes one row instead of concatenating (copying) the whole cache."""
+
+    def __init__(self, max_len: int):
+        super().__init__()
+        self.max_len = max_len
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        B, H, _, _ = key_states.shape
+        self.device = key_states.device
+        self.key_buf = key_states.new_empty(B, H, self.max_len, key_states.shape[-1])
+        self.value_buf = value_states.new_empty(B, H, self.max_len, value_states.shape[-1])
+        self.keys, self.values = self.key_buf[:, :, :0], self.value_buf[:, :, :0]
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start = self.keys.shape[-2]
+        end = start + key_states.shape[-2]
+        self.key_buf[:, :, start:end] = key_states
+        self.value_buf[:, :, start:end] = value_states
+        # Views of the filled part: the same values and shapes a DynamicLayer returns.
+        self.keys, self.values = self.key_buf[:, :, :end], self.value_buf[:, :, :end]
+        return self.keys, self.values
+
+
+def kv_cache(language, max_len: int) -> DynamicCache:
+    """The decoder's cache for ``max_len`` positions: preallocated when every layer is plain full attention
+    (sliding-window and other layer kinds keep transformers' own)."""
+    cache = DynamicCache(config=language.config)
+    if cache.layers and all(type(layer) is DynamicLayer for layer in cache.layers):
+        cache.layers = [PreallocatedLayer(max_len) for _ in cache.layers]
+    return cache
+
+
+def last_logits(language, hidden: torch.Tensor) -> torch.Tensor:
+    """``[B, D]`` last hidden states -> ``[B, V]`` logits.
+
+    ``nn.Linear`` computes ``h @ W.T``; with B << V, ``W @ h.T`` is the same dot products, and BLAS streams the
+    ``[V, D]`` head much faster that way (2-core CPU, B=8, V=32064, D=512: ~24 GB/s against ~12 with 2 threads,
+    ~12 against ~8.5 with 1). Heads with soft-capping or scaling go through the decoder's own forward
+    instead (see ``_decoder_step``)."""
+    head = language.get_output_embeddings()
+    logits = (head.weight @ hidden.T).T
+    return logits + head.bias if head.bias is not None else logits
 
 
 @torch.no_grad()
@@ -65,25 +120,19 @@ def generate(
     eos = torch.tensor(
         [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=input_ids.device
     )
-    B = input_ids.shape[0]
+    B, T = input_ids.shape
     embeds = model.embed(input_ids, pixel_values, **visual_inputs)  # [B, T, D]
-    mask = attention_mask.clone()
+    # The mask of the whole generation, written once; step i sees its first T + i columns.
+    mask = torch.cat([attention_mask, attention_mask.new_ones(B, max_new_tokens)], dim=1)
+    n_real = attention_mask.sum(-1, keepdim=True)  # [B, 1]: the next token's position (RoPE skips padding)
+    cache = kv_cache(model.language, T + max_new_tokens) if use_cache else None
+    decode = _decoder_step(model.language, cache)
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     new_tokens: list[torch.Tensor] = []
-    past = None
-    step_embeds = embeds
-    for _ in range(max_new_tokens):
-        positions = positions_from_mask(mask)
-        if use_cache and past is not None:
-            positions = positions[:, -step_embeds.shape[1] :]
-        out = model.language(
-            inputs_embeds=step_embeds,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=use_cache,
-            **cache_kwargs(model.language, past),
-        )
-        nxt = sample_next(out.logits[:, -1], do_sample, temperature, top_p, generator)
+    step_embeds, positions = embeds, positions_from_mask(attention_mask)
+    for i in range(max_new_tokens):
+        logits = decode(step_embeds, mask[:, : T + i], positions)  # [B, V]
+        nxt = sample_next(logits, do_sample, temperature, top_p, generator)
         nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
         new_tokens.append(nxt)
         if eos.numel():
@@ -94,10 +143,29 @@ def generate(
         if bool(done.all()):
             break
         tok_embeds = model.language.get_input_embeddings()(nxt[:, None])  # [B, 1, D]
-        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
         if use_cache:
-            past, step_embeds = returned_cache(out), tok_embeds
+            step_embeds, positions = tok_embeds, n_real + i
         else:
             embeds = torch.cat([embeds, tok_embeds], dim=1)
-            step_embeds = embeds
+            step_embeds, positions = embeds, positions_from_mask(mask[:, : T + i + 1])
     return torch.stack(new_tokens, 1) if new_tokens else input_ids.new_zeros(B, 0)
+
+
+def _decoder_step(language, cache) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``step(embeds [B, t, D], mask [B, T_seen], positions [B, t]) -> [B, V]`` logits of the last position,
+    appending to ``cache`` (None: no cache)."""
+    kwargs = {"use_cache": cache is not None, **cache_kwargs(language, cache)}
+    if _plain_head(language):
+        decoder = language.get_decoder()
+
+        def step(embeds, mask, positions):
+            out = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, **kwargs)
+            return last_logits(language, out.last_hidden_state[:, -1])
+
+        return step
+
+    def step(embeds, mask, positions):
+        out = language(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, **kwargs)
+        return out.logits[:, -1]
+
+    return step

@@ -3,6 +3,10 @@
 ``hidden_states[select_layer]`` is returned (LLaVA: -2, the penultimate layer; InternVL: -1); ``patch`` drops the
 CLS row (``[:, 1:]``), ``cls_patch`` keeps it. SigLIP has no CLS token, so both keep every row.
 Reference: haotian-liu/LLaVA ``llava/model/multimodal_encoder/clip_encoder.py`` (SYSTEMS.md §0, §3).
+
+Only the layers up to the selected one run: LLaVA's -2 discards the last layer's output, and the post-layernorm
+(and SigLIP's pooling head) are never used, so none of them is computed. Their weights stay in the module, so
+checkpoints keep every key and load and export unchanged.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ class HFVisionTower(nn.Module):
         # hidden_states has n_layers + 1 entries (embeddings first), so valid indices are [-(n+1), n].
         if not -(n_layers + 1) <= self.select_layer <= n_layers:
             raise ConfigError(f"vision.select_layer: {self.select_layer} out of range for {n_layers} layers")
+        # hidden_states[0] is the embedding output, hidden_states[i] the output of layer i.
+        self.num_layers_run = self.select_layer % (n_layers + 1)
         self.hidden_size = hf.hidden_size
         n_patches = (hf.image_size // hf.patch_size) ** 2
         keep_cls = self.has_cls and self.select_feature == "cls_patch"
@@ -49,9 +55,14 @@ class HFVisionTower(nn.Module):
         """The tower's transformers config as ``params`` (``image_size`` is the VisionConfig's own field)."""
         return architecture_fields(self.model.config.to_dict(), drop=("image_size",))
 
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The input of the first encoder layer, ``[B, (1 +) N_patch, D]``."""
+        return self.model.embeddings(pixel_values)
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        out = self.model(pixel_values=pixel_values, output_hidden_states=True)
-        feats = out.hidden_states[self.select_layer]  # [B, (1 +) N_patch, D]
+        feats = self.embed(pixel_values)  # [B, (1 +) N_patch, D]
+        for layer in self.model.encoder.layers[: self.num_layers_run]:
+            feats = layer(feats, None)  # no attention mask: every patch sees every patch
         if self.has_cls and self.select_feature == "patch":
             feats = feats[:, 1:]
         return feats
@@ -60,6 +71,10 @@ class HFVisionTower(nn.Module):
 class CLIPTower(HFVisionTower):
     def __init__(self, config: VisionConfig):
         super().__init__(config, CLIPVisionModel, CLIPVisionConfig)
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        # CLIP normalises the embeddings before the first layer (``pre_layrnorm``, transformers' spelling).
+        return self.model.pre_layrnorm(self.model.embeddings(pixel_values))
 
 
 class SiglipTower(HFVisionTower):
