@@ -19,7 +19,7 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from vlmlab.models.language import cache_kwargs
-from vlmlab.models.vlm import _plain_head, positions_from_mask
+from vlmlab.models.vlm import plain_head, positions_from_mask
 
 
 def sample_next(
@@ -155,7 +155,7 @@ def _decoder_step(language, cache) -> Callable[[torch.Tensor, torch.Tensor, torc
     """``step(embeds [B, t, D], mask [B, T_seen], positions [B, t]) -> [B, V]`` logits of the last position,
     appending to ``cache`` (None: no cache)."""
     kwargs = {"use_cache": cache is not None, **cache_kwargs(language, cache)}
-    if _plain_head(language):
+    if plain_head(language):
         decoder = language.get_decoder()
 
         def step(embeds, mask, positions):

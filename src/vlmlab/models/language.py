@@ -56,14 +56,6 @@ def architecture_params(model: PreTrainedModel) -> dict:
     return architecture_fields(model.config.to_dict())
 
 
-def returned_cache(output):
-    """The KV cache a decoder returned (``cache`` in transformers >= 5.2x, ``past_key_values`` before)."""
-    for name in ("cache", "past_key_values"):
-        if name in output:
-            return output[name]
-    return None
-
-
 def cache_kwargs(model: PreTrainedModel, cache) -> dict:
     """The decoder's KV-cache argument: transformers >= 5.2x calls it ``cache``, earlier ``past_key_values``."""
     if cache is None:

@@ -209,7 +209,7 @@ class VisionLanguageModel(nn.Module):
             labels is not None
             and supervised_logits_only
             and past_key_values is None
-            and _plain_head(self.language)
+            and plain_head(self.language)
         ):
             return self._supervised_loss(inputs_embeds, attention_mask, position_ids, labels)
         # Contract: labels are unshifted and -100 at image/prompt/pad positions; the decoder's loss shifts them.
@@ -315,7 +315,7 @@ def tiled_images(n_images: int, batch_num_images, cfg) -> list[bool]:
     return [n == 1 for n in per_sample for _ in range(n)]
 
 
-def _plain_head(language) -> bool:
+def plain_head(language) -> bool:
     """The decoder's logits are exactly ``lm_head(hidden)`` (no soft-capping or scaling after the head)."""
     cfg = language.config
     return getattr(cfg, "final_logit_softcapping", None) is None and getattr(cfg, "logit_scale", None) is None

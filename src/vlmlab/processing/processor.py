@@ -25,7 +25,7 @@ from vlmlab.models import video as video_tokens
 from vlmlab.models.tiling import anyres
 from vlmlab.processing.chat import render_with_spans
 from vlmlab.processing.image import load_image, to_rgb
-from vlmlab.processing.transforms import image_to_tensor
+from vlmlab.processing.transforms import image_to_tensor, images_to_tensor
 
 IGNORE_INDEX = -100
 PROCESSOR_FILE = "processor.json"
@@ -165,7 +165,7 @@ class Processor:
         if cfg.anyres is not None:
             out["image_sizes"] = None
         if images and cfg.anyres is None:
-            out["pixel_values"] = torch.stack([image_to_tensor(im, cfg) for im in images])
+            out["pixel_values"] = images_to_tensor(list(images), cfg)
         elif images:
             tiled = cfg.anyres.tile_multi_image or len(images) == 1
             # Views are already S x S (a squash to S leaves them as they are); an untiled image is padded to a

@@ -152,7 +152,7 @@ class Trainer:
         )
         for line in describe_groups(self.model, groups):
             log.info(line)
-        optimizer = torch.optim.AdamW(groups, betas=stage.betas, weight_decay=stage.weight_decay)
+        optimizer = torch.optim.AdamW(groups, betas=stage.betas, weight_decay=stage.weight_decay, fused=True)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, stage.steps, stage.warmup_steps)
         )
