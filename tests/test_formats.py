@@ -112,6 +112,37 @@ def test_messages_style_records(tmp_path):
     )
 
 
+def test_video_records_llava_next_video_and_messages_style(tmp_path):
+    """LLaVA-NeXT-Video's ``"video"`` (a string, or a list) and messages-style ``"videos"`` become absolute
+    ``Record.videos``, resolved like images; a record may hold images and videos together."""
+    llava = {
+        "id": "v1",
+        "video": "videos/train/a.mp4",
+        "conversations": [
+            {"from": "human", "value": "<video>\nWhich way?"},
+            {"from": "gpt", "value": "left"},
+        ],
+        "task": "video",
+    }
+    messages = {
+        "id": "v2",
+        "images": ["still.png"],
+        "videos": ["b.mp4", "/abs/c.mp4"],
+        "messages": [{"role": "user", "content": "<image>\n<video>\n<video>\nSame?"}],
+    }
+    path = tmp_path / "v.jsonl"
+    write_jsonl(path, [llava, messages, {**llava, "id": "v3", "video": ["a.mp4"]}, LLAVA[0]])
+    first, second, third, plain = load_records(path, image_folder=tmp_path / "media")
+    assert first.videos == [str(tmp_path / "media" / "videos" / "train" / "a.mp4")] and first.images == []
+    assert first.task == "video"
+    assert second.videos == [str(tmp_path / "media" / "b.mp4"), os.path.abspath("/abs/c.mp4")]
+    assert second.images == [str(tmp_path / "media" / "still.png")]
+    assert third.videos == [str(tmp_path / "media" / "a.mp4")]
+    assert plain.videos == []
+    by_default = load_records(tmp_path / "v.jsonl")  # relative to the data file's folder
+    assert by_default[2].videos == [str(tmp_path / "a.mp4")]
+
+
 GOOD = LLAVA[0]
 TURN = {"from": "gpt", "value": "ok"}
 
@@ -133,6 +164,10 @@ TURN = {"from": "gpt", "value": "ok"}
         ({"id": "x", "image": 5, "conversations": [TURN]}, "'image' must be a string or a list of strings"),
         ({"id": "x", "image": ["a.png", 3], "conversations": [TURN]}, "'image' must be a string or a list"),
         ({"id": "x", "images": "", "conversations": [TURN]}, "'images' contains an empty path"),
+        ({"id": "x", "video": 5, "conversations": [TURN]}, "'video' must be a string or a list of strings"),
+        ({"id": "x", "videos": [{"a": 1}], "conversations": [TURN]}, "'videos' must be a string or a list"),
+        ({"id": "x", "videos": ["a.mp4", " "], "conversations": [TURN]}, "'videos' contains an empty path"),
+        ({"id": "x", "video": "a", "videos": [], "conversations": [TURN]}, "has both 'video' and 'videos'"),
         ({"id": "x", "messages": [{"role": "user"}]}, "turn 0 has no 'content'"),
         ({"id": "x", "messages": [{"role": "user", "content": ["a"]}]}, "'content' must be a string"),
         ({"id": "x", "task": 3, "conversations": [TURN]}, "'task' must be a string"),

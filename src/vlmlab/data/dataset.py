@@ -60,7 +60,7 @@ class SupervisedDataset:
         proc = self.processor
         try:
             images = proc.load_images(rec.images)
-            videos = proc.load_videos(getattr(rec, "videos", []))
+            videos = proc.load_videos(rec.videos)
             messages = rec.messages
             if videos and proc.config.video.as_images:
                 messages, images = proc.videos_as_images(messages, images, videos)

@@ -3,14 +3,17 @@
 Accepted record schemas (one file may mix them):
 
 - LLaVA: ``{"id", "image": str | [str] (optional), "conversations": [{"from": "human"|"gpt"|"system", "value"}]}``
-  ("user"/"assistant" are accepted in "from" too);
-- messages: ``{"id", "images": [str] (optional), "messages": [{"role": "system"|"user"|"assistant", "content"}]}``;
+  ("user"/"assistant" are accepted in "from" too); LLaVA-NeXT-Video records add ``"video": str | [str]``;
+- messages: ``{"id", "images": [str] (optional), "videos": [str] (optional), "messages": [{"role":
+  "system"|"user"|"assistant", "content"}]}``;
 
 both with an optional ``"task"`` string. Every problem raises ``DataError`` with one line naming the file and the
 record (``"{path}: record {i} (id '{id}'): {problem}"``, or ``"{path}: line {n} ..."`` for JSONL).
 
 [Contract] Validation here is structural only. Image files are opened lazily when a sample is loaded (a missing image
 quarantines one sample, not the dataset), and ``<image>`` placeholder counts are checked by the processor.
+``<video>`` placeholders pair with ``Record.videos`` as ``<image>`` placeholders pair with ``Record.images``: the
+k-th ``<video>`` in the text is the k-th video, and the processor checks that the counts match.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ _MAX_SHOWN = 60  # characters of a user-supplied value quoted in a message
 
 @dataclass
 class Record:
-    """One validated sample: its images (absolute paths) and its chat turns, in order."""
+    """One validated sample: its images and videos (absolute paths) and its chat turns, in order."""
 
     id: str
     images: list[str] = field(default_factory=list)
@@ -49,10 +52,15 @@ class Record:
     """The record's task (e.g. "colour"); None when the file has no task field."""
     source: str = ""
     """Where the record came from, for error messages: ``"<file>: record <i> (id '<id>')"`` (JSONL: ``line <n>``)."""
+    videos: list[str] = field(default_factory=list)
+    """Absolute video paths, resolved like ``images``; one per ``<video>`` placeholder. Last field, so positional
+    construction written before videos existed keeps working."""
 
 
 def load_records(path: str | os.PathLike, image_folder: str | os.PathLike | None = None) -> list[Record]:
-    """Read a ``.json`` (a list of records) or ``.jsonl`` (one record per line) dataset file into ``Record``s."""
+    """Read a ``.json`` (a list of records) or ``.jsonl`` (one record per line) dataset file into ``Record``s.
+
+    Relative image and video paths are resolved against ``image_folder`` (default: the data file's folder)."""
     path = Path(path)
     folder = Path(image_folder) if image_folder is not None else path.parent
     shown = _one_line(str(path))  # every message names the file as given, on one line
@@ -136,10 +144,11 @@ def _parse_record(raw: Any, where: str, folder: Path) -> Record:
         raise fail(f"'task' must be a string, got {_type_name(task)}")
     return Record(
         id=record_id,
-        images=[os.path.abspath(folder / image) for image in _parse_images(raw, fail)],
+        images=[os.path.abspath(folder / image) for image in _parse_paths(raw, ("image", "images"), fail)],
         messages=_parse_messages(raw, fail),
         task=task,
         source=where,
+        videos=[os.path.abspath(folder / video) for video in _parse_paths(raw, ("video", "videos"), fail)],
     )
 
 
@@ -157,22 +166,23 @@ def _parse_id(raw: dict, where: str) -> str:
     return record_id
 
 
-def _parse_images(raw: dict, fail) -> list[str]:
-    keys = [key for key in ("image", "images") if key in raw]
+def _parse_paths(raw: dict, names: tuple[str, str], fail) -> list[str]:
+    """The media paths under the singular or plural key in ``names`` (e.g. "image"/"images"), as given."""
+    keys = [key for key in names if key in raw]
     if len(keys) == 2:
-        raise fail("has both 'image' and 'images'; use one")
+        raise fail(f"has both '{names[0]}' and '{names[1]}'; use one")
     if not keys:
         return []
     key = keys[0]
     value = raw[key]
     if value is None:  # some LLaVA exports write "image": null for text-only samples
         return []
-    images = [value] if isinstance(value, str) else value
-    if not isinstance(images, list) or not all(isinstance(image, str) for image in images):
+    paths = [value] if isinstance(value, str) else value
+    if not isinstance(paths, list) or not all(isinstance(path, str) for path in paths):
         raise fail(f"'{key}' must be a string or a list of strings, got {_describe_list(value)}")
-    if any(not image.strip() for image in images):
+    if any(not path.strip() for path in paths):
         raise fail(f"'{key}' contains an empty path")
-    return images
+    return paths
 
 
 def _parse_messages(raw: dict, fail) -> list[dict]:

@@ -55,10 +55,7 @@ def predict(
         convs = [split_prompt(r)[0] for r in chunk]
         images = [[blank] * len(r.images) if blind else r.images for r in chunk]
         n_frames = processor.config.video.num_frames if processor.config.video else 0
-        videos = [
-            [[blank] * n_frames] * len(getattr(r, "videos", [])) if blind else getattr(r, "videos", [])
-            for r in chunk
-        ]
+        videos = [[[blank] * n_frames] * len(r.videos) if blind else r.videos for r in chunk]
         batch = to_device(processor(convs, images, add_generation_prompt=True, videos=videos), device)
         new = model.generate(
             input_ids=batch["input_ids"],

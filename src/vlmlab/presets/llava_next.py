@@ -182,7 +182,13 @@ TINY_VIEW = 32  # pixels per view of llava-next-tiny (tile and base view)
 
 
 def _tiny_config(
-    name: str, *, view: int, pool: int, anyres: bool, video: VideoConfig | None = None
+    name: str,
+    *,
+    view: int,
+    pool: int,
+    anyres: bool,
+    video: VideoConfig | None = None,
+    channels: tuple[int, ...] = (32, 64, 128),
 ) -> ModelConfig:
     """The ``tiny`` preset's ConvNet tower (it learns shapes within CPU minutes; a from-scratch ViT does not) at
     ``view`` pixels per view, ``mlp2x_gelu``, the small Llama; AnyRes over the NeXT pinpoints scaled to ``view``."""
@@ -191,7 +197,7 @@ def _tiny_config(
     pinpoints = [[p[0] * view // 336, p[1] * view // 336] for p in NEXT_PINPOINTS]
     return ModelConfig(
         vision=VisionConfig(
-            name="convnet", image_size=view, params={"channels": [32, 64, 128], "pool": pool}
+            name="convnet", image_size=view, params={"channels": list(channels), "pool": pool}
         ),
         language=LanguageConfig(model_type="llama", params=dict(TINY_LLAMA)),
         processor=ProcessorConfig(
@@ -235,9 +241,10 @@ def _tiny_recipe(tasks: tuple[str, ...] | None, steps: int, front_layout: float 
 
 
 def _tiny_tokenizer(*extra: str):
+    from vlmlab.data.world import EXTRA_TASKS
     from vlmlab.presets.tiny import world_tokenizer
 
-    return lambda: world_tokenizer(extra_special_tokens=extra)
+    return lambda: world_tokenizer(extra_special_tokens=extra, extra_tasks=EXTRA_TASKS)
 
 
 def llava_next_tiny() -> Preset:
@@ -253,9 +260,12 @@ def llava_next_tiny() -> Preset:
 
 
 def llava_next_video_tiny() -> Preset:
-    """LLaVA-NeXT-Video at CPU scale: 8 frames of 64 px, 8 x 8 tokens pooled to 4 x 4 (stride 2) per frame."""
+    """LLaVA-NeXT-Video at CPU scale: 8 frames of 64 px, 8 x 8 tokens pooled to 4 x 4 (stride 2) per frame; a
+    narrower tower than the image presets' (a batch is 256 frames)."""
     video = VideoConfig(num_frames=8, max_frames=32, pool="average", stride=2, pool_position="before")
-    config = _tiny_config("llava-next-video-tiny", view=64, pool=1, anyres=True, video=video)
+    config = _tiny_config(
+        "llava-next-video-tiny", view=64, pool=1, anyres=True, video=video, channels=(16, 32, 64)
+    )
     return Preset(
         "llava-next-video-tiny",
         config,

@@ -35,14 +35,17 @@ TINY_LLAMA = {
 
 
 def world_tokenizer(
-    chat_template: str = "tiny", extra_texts: tuple[str, ...] = (), extra_special_tokens: tuple[str, ...] = ()
+    chat_template: str = "tiny",
+    extra_texts: tuple[str, ...] = (),
+    extra_special_tokens: tuple[str, ...] = (),
+    extra_tasks: tuple[str, ...] = (),
 ):
     """A BPE tokenizer trained on the embedded world's text (deterministic, no download); ``extra_texts`` (e.g.
     a template's system prompt) join the corpus so that they tokenize compactly too; ``extra_special_tokens``
-    (e.g. ``<video>``) are added after the standard ones."""
-    from vlmlab.data.world.corpus import corpus
+    (e.g. ``<video>``) are added after the standard ones; ``extra_tasks`` (the opt-in world tasks) add their text."""
+    from vlmlab.data.world.corpus import DEFAULT_CORPUS_TASKS, corpus
 
-    texts = corpus() + [t for t in extra_texts for _ in range(20)]
+    texts = corpus(tasks=(*DEFAULT_CORPUS_TASKS, *extra_tasks)) + [t for t in extra_texts for _ in range(20)]
     return train_bpe_tokenizer(
         texts, vocab_size=VOCAB_SIZE, chat_template=chat_template, extra_special_tokens=extra_special_tokens
     )

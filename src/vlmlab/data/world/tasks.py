@@ -59,13 +59,31 @@ _MAX_TRIES = 10_000
 
 @dataclass(frozen=True)
 class Sample:
-    """One generated example: the scene to render, the human turn and the assistant turn."""
+    """One generated example: the scene(s) to render, the human turn and the assistant turn."""
 
     task: str
     scene: Scene
+    """The image, or the first image of a multi-image sample, or the first frame of a video sample."""
     prompt: str
-    """The human turn: ``"<image>\\n{question}"`` for QA tasks, ``"<image>"`` for captions."""
+    """The human turn: ``"<image>\\n{question}"`` for QA tasks, ``"<image>"`` for captions; one ``<image>`` per
+    image of a multi-image sample, ``"<video>\\n{question}"`` for a video sample."""
     answer: str
+    more_scenes: tuple[Scene, ...] = ()
+    """The further images of a multi-image sample, or the further frames of a video sample."""
+    video: bool = False
+    """True when ``scenes`` are the frames of one clip (written as one mp4), not separate images."""
+
+    @property
+    def scenes(self) -> tuple[Scene, ...]:
+        return (self.scene, *self.more_scenes)
+
+    def signatures(self) -> tuple[tuple, ...]:
+        """What must not have been drawn before for this sample to be new (``generate_split`` keeps splits
+        disjoint with these): every image's ``Scene.signature``; for a video, the whole clip's, so a frame may
+        repeat a frame of another clip but the motion may not."""
+        if self.video:
+            return (("video", tuple(scene.signature() for scene in self.scenes)),)
+        return tuple(scene.signature() for scene in self.scenes)
 
 
 @dataclass(frozen=True)
@@ -223,7 +241,7 @@ def _random_scene(rng: random.Random, kinds: list[tuple[str, str]], multi: bool)
             return Scene(width, height, background, objects)
 
 
-TASK_SPECS = Registry("world task")
+TASK_SPECS = Registry("world task")  # the opt-in tasks (detail, video, multi) are added by extra_tasks.py
 TASK_SPECS["colour"] = TaskSpec("colour", tuple(COLOURS), make_colour)
 TASK_SPECS["shape"] = TaskSpec("shape", SHAPES, make_shape)
 TASK_SPECS["count"] = TaskSpec("count", NUMBER_WORDS, make_count)
