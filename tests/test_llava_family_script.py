@@ -12,7 +12,25 @@ import llava_family  # noqa: E402
 
 def test_llava_family_experiments_run_and_write_results(tmp_path):
     out = tmp_path / "lf"
-    assert llava_family.main(["--out", str(out), "--steps", "1", "--n-train", "6", "--n-test", "3"]) == 0
+    assert (
+        llava_family.main(
+            [
+                "--out",
+                str(out),
+                "--steps",
+                "1",
+                "--n-train",
+                "6",
+                "--n-test",
+                "3",
+                "--align-steps",
+                "1",
+                "--n-captions",
+                "8",
+            ]
+        )
+        == 0
+    )
     result = json.loads((out / "results.json").read_text())
     rows = {(r["preset"], r["task"]): r for r in result["results"]}
     assert set(rows) == {
@@ -26,4 +44,4 @@ def test_llava_family_experiments_run_and_write_results(tmp_path):
         assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["blind_accuracy"] <= 1.0
     # The two detail designs differ only in AnyRes: the LLaVA-1.5 one sees one padded view.
     cfg = json.loads((out / "llava-1.5-design" / "run.json").read_text())
-    assert cfg["stages"][0]["tasks"] == ["detail"]
+    assert [s["tasks"] for s in cfg["stages"]] == [["caption"], ["detail"]]
