@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo bench test lint format setup clean
+.PHONY: demo bench llava-family test lint format setup clean
 
 $(STAMP):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/vlmlab bench --out runs/bench/bench.json
+
+llava-family: $(STAMP)
+	$(BIN)/python scripts/llava_family.py --out runs/llava-family
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests scripts
