@@ -49,6 +49,7 @@ def train_and_eval(
     seed: int,
     front_layout: float = 0.0,
     align_steps: int = 300,
+    vision_lr: float = LR["vision"],
 ):
     seed_everything(seed)
     model, processor = build(preset)
@@ -66,7 +67,7 @@ def train_and_eval(
     stage = Stage(
         name=task,
         train=PARTS,
-        lr=LR,
+        lr={**LR, "vision": vision_lr},
         steps=steps,
         tasks=(task,),
         batch_size=32,
@@ -85,6 +86,7 @@ def train_and_eval(
         "task": task,
         "steps": steps,
         "align_steps": align_steps,
+        "vision_lr": vision_lr,
         "accuracy": t["accuracy"],
         "blind_accuracy": t["blind_accuracy"],
         "n_test": t["n"],
@@ -103,6 +105,12 @@ def main(argv=None) -> int:
     ap.add_argument("--align-steps", type=int, default=300, help="caption steps before each task (0: none)")
     ap.add_argument("--n-captions", type=int, default=4000, help="caption records for the align stage")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--vision-lr", type=float, default=LR["vision"], help="the tower's learning rate in the task stage"
+    )
+    ap.add_argument(
+        "--tasks", default="detail,video,multi", help="which experiments to run (comma-separated)"
+    )
     args = ap.parse_args(argv)
     world = args.out / "world"
     build_world(
@@ -120,10 +128,18 @@ def main(argv=None) -> int:
         (PRESETS["llava-next-interleave-tiny"](), "multi", 0.5),
     ]
     results = []
-    for preset, task, front in runs:
+    for preset, task, front in [r for r in runs if r[1] in args.tasks.split(",")]:
         print(f"training {preset.name} on {task} for {args.steps} steps", flush=True)
         r = train_and_eval(
-            preset, task, world, args.out / preset.name, args.steps, args.seed, front, args.align_steps
+            preset,
+            task,
+            world,
+            args.out / preset.name,
+            args.steps,
+            args.seed,
+            front,
+            args.align_steps,
+            args.vision_lr,
         )
         print(
             f"  accuracy {r['accuracy']:.3f}  blind {r['blind_accuracy']:.3f}  ({r['train_seconds']} s)",

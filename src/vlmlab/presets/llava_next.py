@@ -261,10 +261,11 @@ def llava_next_tiny() -> Preset:
 
 def llava_next_video_tiny() -> Preset:
     """LLaVA-NeXT-Video at CPU scale: 8 frames of 64 px, 8 x 8 tokens pooled to 4 x 4 (stride 2) per frame; a
-    narrower tower than the image presets' (a batch is 256 frames)."""
+    narrower tower than the image presets' (a batch is 256 frames). Images are one padded view: AnyRes over
+    64 tokens per tile would overflow the small Llama's 256 positions."""
     video = VideoConfig(num_frames=8, max_frames=32, pool="average", stride=2, pool_position="before")
     config = _tiny_config(
-        "llava-next-video-tiny", view=64, pool=1, anyres=True, video=video, channels=(16, 32, 64)
+        "llava-next-video-tiny", view=64, pool=1, anyres=False, video=video, channels=(16, 32, 64)
     )
     return Preset(
         "llava-next-video-tiny",
