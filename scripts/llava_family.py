@@ -50,6 +50,7 @@ def train_and_eval(
     front_layout: float = 0.0,
     align_steps: int = 300,
     vision_lr: float = LR["vision"],
+    task_lr: float = LR["language"],
 ):
     seed_everything(seed)
     model, processor = build(preset)
@@ -67,7 +68,7 @@ def train_and_eval(
     stage = Stage(
         name=task,
         train=PARTS,
-        lr={**LR, "vision": vision_lr},
+        lr={"vision": vision_lr, "connector": task_lr, "newline": task_lr, "language": task_lr},
         steps=steps,
         tasks=(task,),
         batch_size=32,
@@ -87,6 +88,7 @@ def train_and_eval(
         "steps": steps,
         "align_steps": align_steps,
         "vision_lr": vision_lr,
+        "task_lr": task_lr,
         "accuracy": t["accuracy"],
         "blind_accuracy": t["blind_accuracy"],
         "n_test": t["n"],
@@ -105,6 +107,9 @@ def main(argv=None) -> int:
     ap.add_argument("--align-steps", type=int, default=300, help="caption steps before each task (0: none)")
     ap.add_argument("--n-captions", type=int, default=4000, help="caption records for the align stage")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--task-lr", type=float, default=LR["language"], help="connector/newline/LM lr in the task stage"
+    )
     ap.add_argument(
         "--vision-lr", type=float, default=LR["vision"], help="the tower's learning rate in the task stage"
     )
@@ -140,6 +145,7 @@ def main(argv=None) -> int:
             front,
             args.align_steps,
             args.vision_lr,
+            args.task_lr,
         )
         print(
             f"  accuracy {r['accuracy']:.3f}  blind {r['blind_accuracy']:.3f}  ({r['train_seconds']} s)",
