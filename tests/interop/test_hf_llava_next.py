@@ -122,12 +122,9 @@ def assert_same_outputs(hf, ours, batch, hf_batch=None):
     assert torch.equal(ours.generate(**batch, max_new_tokens=5), ref_gen)
 
 
-def test_llava_next_processor_and_model_match_transformers(tmp_path, tok):
-    """Two prompts (two images, then one), five aspect ratios across calls, left padding: transformers'
-    LlavaNextProcessor and vlmlab's give identical tensors, and the models identical logits and tokens."""
-    hf, path = hf_model("llava_next", tok, tmp_path)
-    ours, proc = ours_with_processor(path, tok)
-    ref_proc = LlavaNextProcessor(
+def reference_next_processor(tok):
+    """transformers' LlavaNextProcessor with the tiny checkpoints' settings."""
+    return LlavaNextProcessor(
         image_processor=LlavaNextImageProcessorPil(
             size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=PINPOINTS
         ),
@@ -136,6 +133,14 @@ def test_llava_next_processor_and_model_match_transformers(tmp_path, tok):
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,  # the CLS row, as in the hub's llava-next processor configs
     )
+
+
+def test_llava_next_processor_and_model_match_transformers(tmp_path, tok):
+    """Two prompts (two images, then one), five aspect ratios across calls, left padding: transformers'
+    LlavaNextProcessor and vlmlab's give identical tensors, and the models identical logits and tokens."""
+    hf, path = hf_model("llava_next", tok, tmp_path)
+    ours, proc = ours_with_processor(path, tok)
+    ref_proc = reference_next_processor(tok)
     for sizes in (SIZES[:3], SIZES[2:5]):
         ims = images(sizes)
         convs = conversations([2, 1])
@@ -229,15 +234,7 @@ def test_processor_token_counts_match_transformers_for_random_sizes(tmp_path, to
     the rows the model produces (the model raises on any mismatch)."""
     _, path = hf_model("llava_next", tok, tmp_path)
     ours, proc = ours_with_processor(path, tok)
-    ref_proc = LlavaNextProcessor(
-        image_processor=LlavaNextImageProcessorPil(
-            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=PINPOINTS
-        ),
-        tokenizer=tok,
-        patch_size=8,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,  # the CLS row, as in the hub's llava-next processor configs
-    )
+    ref_proc = reference_next_processor(tok)
     rng = np.random.default_rng(3)
     for _ in range(40):
         w, h = (int(x) for x in np.exp(rng.uniform(math.log(8), math.log(400), 2)))

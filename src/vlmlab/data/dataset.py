@@ -59,12 +59,7 @@ class SupervisedDataset:
         rec = self.records[i]
         proc = self.processor
         try:
-            images = proc.load_images(rec.images)
-            videos = proc.load_videos(rec.videos)
-            messages = rec.messages
-            if videos and proc.config.video.as_images:
-                messages, images = proc.videos_as_images(messages, images, videos)
-                videos = []
+            messages, images, videos = proc.load_sample(rec.messages, rec.images, rec.videos)
             text = self._text_cache.get(i)
             if text is None:
                 text = proc.encode_text(

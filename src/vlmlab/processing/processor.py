@@ -113,10 +113,7 @@ class Processor:
         """One sample: ``input_ids`` [T], ``labels`` [T] and the visual tensors of ``encode_visuals``.
 
         Raises ``SampleError`` / ``ImageError`` (one line) when the sample cannot be used as it is."""
-        ims, vids = self.load_images(images), self.load_videos(videos)
-        if vids and self.config.video.as_images:
-            messages, ims = self.videos_as_images(messages, ims, vids)
-            vids = []
+        messages, ims, vids = self.load_sample(messages, images, videos)
         out = self.encode_text(
             messages,
             self.image_token_counts(ims),
@@ -125,6 +122,17 @@ class Processor:
             video_tokens=self.video_token_counts(vids),
         )
         return {**out, **self.encode_visuals(ims, vids)}
+
+    def load_sample(
+        self, messages: list[dict], images: Sequence = (), videos: Sequence = ()
+    ) -> tuple[list[dict], list[Image.Image], list[list[Image.Image]]]:
+        """Images and videos decoded; for a model that takes videos as image lists, the frames moved into the
+        images and the messages rewritten to match (``videos_as_images``)."""
+        ims, vids = self.load_images(images), self.load_videos(videos)
+        if vids and self.config.video.as_images:
+            messages, ims = self.videos_as_images(messages, ims, vids)
+            vids = []
+        return messages, ims, vids
 
     def videos_as_images(
         self, messages: list[dict], images: list[Image.Image], videos: list[list[Image.Image]]
