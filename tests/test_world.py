@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from collections import Counter
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 from vlmlab.data.formats import load_records
 from vlmlab.data.world import EXTRA_TASKS, TASKS, build_world
 from vlmlab.data.world.generate import generate_split
-from vlmlab.data.world.scenes import BACKGROUNDS, COLOURS, SHAPES, render
+from vlmlab.data.world.scenes import BACKGROUNDS, COLOURS, SHAPES, Obj, Scene, render
 from vlmlab.data.world.tasks import TASK_SPECS
 from vlmlab.errors import ConfigError
 
@@ -405,41 +404,61 @@ def test_the_default_corpus_leaves_the_extra_tasks_out():
     assert "direction" in extra and "<video>" not in extra and "<image>" not in extra
 
 
-def test_detail_answers_match_and_every_shape_has_the_same_area_range():
-    from vlmlab.data.world.extra_tasks import DETAIL_SIDE
+def test_detail_answers_are_the_stripes_of_one_small_disc():
+    from vlmlab.data.world.extra_tasks import DETAIL_BAND, DETAIL_DISC, DETAIL_SIDE
 
-    for sample in samples("detail", 60):
+    data = samples("detail", 60)
+    for sample in data:
         (obj,) = sample.scene.objects
         assert (sample.scene.width, sample.scene.height) == (DETAIL_SIDE, DETAIL_SIDE)
-        assert sample.answer == obj.shape and sample.prompt.startswith("<image>\n")
-        area = obj.size**2 * {"circle": math.pi / 4, "square": 1.0, "triangle": 0.5}[obj.shape]
-        assert 4.5**2 <= area <= 8.2**2
+        assert sample.prompt.startswith("<image>\n") and obj.shape == "circle"
+        assert obj.stripes[:2] == (sample.answer, DETAIL_BAND) and 0 <= obj.stripes[2] < 2 * DETAIL_BAND
+        assert DETAIL_DISC[0] <= obj.size <= DETAIL_DISC[1]
+    assert {s.answer for s in data} == {"horizontal", "vertical"}
+    assert len({s.scene.objects[0].stripes[2] for s in data}) == 2 * DETAIL_BAND  # every phase occurs
 
 
-def test_detail_shape_is_legible_at_64_px_but_not_at_32_px():
-    """The sanity check behind the ``detail`` design: a nearest-centroid classifier on the pixels around the object
-    (its place given, not searched for) names the shape well above chance (1/3) from a 64 px copy, the pixels of
-    2 x 2 tiles of 32 px, and close to chance from a 32 px copy."""
+def test_striped_fill_renders_bands_of_colour_and_background_inside_the_shape_only():
+    import numpy as np
+
+    obj = Obj("square", "red", 4, 6, 8, ("horizontal", 2, 1))
+    image = np.asarray(render(Scene(20, 20, "white", (obj,))))
+    red = (image == COLOURS["red"]).all(-1)
+    assert not red[:6].any() and not red[14:].any() and not red[:, :4].any() and not red[:, 12:].any()
+    # Phase 1: the first colour band started one row above the box, so rows 6, 9-10, 13 are red.
+    assert [bool(red[y, 4:12].all()) for y in range(6, 14)] == [
+        True,
+        False,
+        False,
+        True,
+        True,
+        False,
+        False,
+        True,
+    ]
+    assert not red[7:9].any() and not red[11:13].any()
+
+
+def test_detail_stripes_are_legible_at_64_px_but_not_at_32_px():
+    """The sanity check behind the ``detail`` design, without training anything: around the disc (its place
+    given), horizontal stripes change the image along y and vertical ones along x, so comparing the two gradient
+    energies names the direction from a 64 px copy (the pixels of 2 x 2 tiles of 32 px), and not from a 32 px
+    copy, where the stripes have averaged into an even tint."""
     import numpy as np
     from PIL import Image
 
-    from vlmlab.data.world.extra_tasks import DETAIL_SHAPES
-
-    data = samples("detail", 600)
+    data = samples("detail", 200)
     accuracy = {}
     for side in (32, 64):
-        window = side // 8  # the largest object plus a margin, at this scale
-        features = []
+        correct = 0
         for sample in data:
             scene, (obj,) = sample.scene, sample.scene.objects
             image = np.asarray(render(scene).resize((side, side), Image.Resampling.BICUBIC), dtype=np.float32)
-            ink = np.abs(image - np.array(BACKGROUNDS[scene.background], np.float32)).sum(axis=2)
-            x, y = (int(c * side / scene.width) - window // 2 + window for c in (obj.cx, obj.cy))
-            crop = np.pad(ink, window)[y : y + window, x : x + window]
-            features.append((crop / crop.sum()).ravel())  # the pattern of the colour, not its amount
-        features, labels = np.stack(features), np.array([DETAIL_SHAPES.index(s.answer) for s in data])
-        train, test = slice(0, 300), slice(300, 600)
-        centroids = np.stack([features[train][labels[train] == k].mean(0) for k in range(len(DETAIL_SHAPES))])
-        predicted = ((features[test][:, None] - centroids[None]) ** 2).sum(-1).argmin(1)
-        accuracy[side] = (predicted == labels[test]).mean()
-    assert accuracy[32] < 0.55 and accuracy[64] > 0.7, accuracy  # measured: 0.48 and 0.77
+            # The middle half of the disc's box, so its round outline weighs on neither direction.
+            s, q = side / scene.width, obj.size / 4
+            y0, y1, x0, x1 = (round(v * s) for v in (obj.y + q, obj.y + 3 * q, obj.x + q, obj.x + 3 * q))
+            crop = image[y0 : max(y1, y0 + 2), x0 : max(x1, x0 + 2)]
+            along_y, along_x = np.abs(np.diff(crop, axis=0)).sum(), np.abs(np.diff(crop, axis=1)).sum()
+            correct += ("horizontal" if along_y > along_x else "vertical") == sample.answer
+        accuracy[side] = correct / len(data)
+    assert accuracy[32] < 0.65 and accuracy[64] > 0.95, accuracy

@@ -137,6 +137,49 @@ def cmd_chat(args: argparse.Namespace) -> None:
     )
 
 
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from vlmlab.errors import ConfigError
+
+    api_key = os.environ.get("VLMLAB_API_KEY") or None
+    if api_key is None and args.host not in LOOPBACK:
+        raise ConfigError(
+            f"--host {args.host}: refusing to serve beyond this machine without an API key "
+            "(set VLMLAB_API_KEY)"
+        )
+    import uvicorn
+
+    from vlmlab.api import load
+    from vlmlab.serving.app import create_app
+    from vlmlab.serving.limits import Limits
+
+    limits = Limits(
+        remote_urls=bool(args.allow_image_domain),
+        allowed_domains=tuple(args.allow_image_domain or ()),
+        max_images_per_request=args.max_images,
+        max_image_pixels=args.max_image_pixels,
+    )
+    model, processor = load(args.checkpoint)
+    name = args.model_name or Path(args.checkpoint).resolve().name
+    app = create_app(
+        model,
+        processor,
+        model_name=name,
+        api_key=api_key,
+        limits=limits,
+        cors_origins=args.cors_origin or (),
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+    )
+    where = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"
+    log.info(
+        "serving %s at %s (%s)", name, where, "API key required" if api_key else "no API key: loopback only"
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=args.access_log)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from vlmlab.demo import run_demo
 
@@ -220,6 +263,36 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--stop", action="append", help="stop string (repeat for several)")
     s.set_defaults(fn=cmd_chat)
+
+    s = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible server (chat completions with images, streaming) and a chat page",
+        description="Serve a checkpoint over HTTP: POST /v1/chat/completions, GET /v1/models, GET /health, "
+        "and a chat page at /. The API key is read from the VLMLAB_API_KEY environment variable (never from "
+        "the command line, where other users could see it); without one the server only binds loopback.",
+    )
+    s.add_argument(
+        "--checkpoint", required=True, help="a vlmlab model or checkpoint, or a transformers directory"
+    )
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument(
+        "--model-name", help="the model id clients send (default: the checkpoint's directory name)"
+    )
+    s.add_argument("--max-batch", type=_positive_int, default=8, help="sequences decoded together")
+    s.add_argument("--max-queue", type=_positive_int, default=64, help="waiting sequences before 503")
+    s.add_argument("--max-images", type=_positive_int, default=8, help="images per request")
+    s.add_argument("--max-image-pixels", type=_positive_int, default=4096 * 4096, help="pixels per image")
+    s.add_argument(
+        "--allow-image-domain",
+        action="append",
+        help="fetch http(s) image URLs from this host (exact, or *.example.com; repeat). Default: data: URIs only",
+    )
+    s.add_argument("--cors-origin", action="append", help="allow browser calls from this origin (repeat)")
+    s.add_argument(
+        "--access-log", action="store_true", help="log each request line (never headers or bodies)"
+    )
+    s.set_defaults(fn=cmd_serve)
 
     s = sub.add_parser("demo", help="build the world, train tiny through both stages, evaluate, answer")
     s.add_argument("--run-dir", default="runs/demo")

@@ -109,8 +109,10 @@ class Processor:
         *,
         add_generation_prompt: bool = False,
         train: bool = False,
+        truncate: bool = True,
     ) -> dict[str, torch.Tensor | None]:
         """One sample: ``input_ids`` [T], ``labels`` [T] and the visual tensors of ``encode_visuals``.
+        ``truncate=False`` keeps samples longer than ``max_length`` whole (a server checks them itself).
 
         Raises ``SampleError`` / ``ImageError`` (one line) when the sample cannot be used as it is."""
         messages, ims, vids = self.load_sample(messages, images, videos)
@@ -120,6 +122,7 @@ class Processor:
             add_generation_prompt=add_generation_prompt,
             train=train,
             video_tokens=self.video_token_counts(vids),
+            truncate=truncate,
         )
         return {**out, **self.encode_visuals(ims, vids)}
 
@@ -210,6 +213,7 @@ class Processor:
         add_generation_prompt: bool = False,
         train: bool = False,
         video_tokens: Sequence[int] = (),
+        truncate: bool = True,
     ) -> dict[str, torch.Tensor]:
         """Token ids with each image (video) placeholder expanded to its token count, and the loss labels.
 
@@ -247,7 +251,8 @@ class Processor:
             in_reply = any(s <= start and end <= e and start < e for s, e in spans)
             ids.append(tok)
             labels.append(tok if in_reply else IGNORE_INDEX)
-        ids, labels = self._truncate(ids, labels)
+        if truncate:
+            ids, labels = self._truncate(ids, labels)
         if train and all(lab == IGNORE_INDEX for lab in labels):
             raise SampleError("no supervised tokens: every label is masked (no assistant reply left)")
         return {

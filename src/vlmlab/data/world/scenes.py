@@ -10,7 +10,7 @@ import math
 import random
 from dataclasses import dataclass
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageChops, ImageDraw
 
 SHAPES = ("circle", "square", "triangle", "star")
 # Six hues far apart in RGB and all clearly darker/more saturated than the backgrounds below.
@@ -36,13 +36,18 @@ SIGNATURE_STEP = 4  # pixels: positions and sizes are quantised to this step in 
 
 @dataclass(frozen=True)
 class Obj:
-    """One filled shape; its box is ``[x, x + size) x [y, y + size)`` in pixels (y grows downwards)."""
+    """One filled shape; its box is ``[x, x + size) x [y, y + size)`` in pixels (y grows downwards).
+
+    ``stripes``: None for a solid fill, else ``(direction, band, phase)``: the shape is filled with ``band``-px
+    stripes of its colour alternating with the background, ``"horizontal"`` or ``"vertical"``, the first colour
+    band starting ``phase`` px before the box (``0 <= phase < 2 * band``)."""
 
     shape: str
     colour: str
     x: int
     y: int
     size: int
+    stripes: tuple[str, int, int] | None = None
 
     @property
     def cx(self) -> float:
@@ -126,18 +131,38 @@ def render(scene: Scene) -> Image.Image:
     draw = ImageDraw.Draw(image)
     for obj in scene.objects:
         fill = COLOURS[obj.colour]
-        x0, y0, x1, y1 = obj.x, obj.y, obj.x + obj.size - 1, obj.y + obj.size - 1  # PIL boxes are inclusive
-        if obj.shape == "circle":
-            draw.ellipse((x0, y0, x1, y1), fill=fill)
-        elif obj.shape == "square":
-            draw.rectangle((x0, y0, x1, y1), fill=fill)
-        elif obj.shape == "triangle":
-            draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
-        elif obj.shape == "star":
-            draw.polygon(_star_points(obj), fill=fill)
-        else:
-            raise ValueError(f"unknown shape {obj.shape!r}; valid shapes: {', '.join(SHAPES)}")
+        if obj.stripes is None:
+            _draw_shape(draw, obj, fill)
+            continue
+        # Striped: the shape's mask, intersected with the stripes, pastes the colour over the background.
+        mask = Image.new("L", (scene.width, scene.height), 0)
+        _draw_shape(ImageDraw.Draw(mask), obj, 255)
+        stripes = Image.new("L", mask.size, 0)
+        direction, band, phase = obj.stripes
+        start = obj.y if direction == "horizontal" else obj.x
+        for k in range(start - phase, start + obj.size, 2 * band):
+            box = (
+                (0, k, scene.width, k + band - 1)
+                if direction == "horizontal"
+                else (k, 0, k + band - 1, scene.height)
+            )
+            ImageDraw.Draw(stripes).rectangle(box, fill=255)
+        image.paste(fill, (0, 0, scene.width, scene.height), ImageChops.multiply(mask, stripes))
     return image
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, obj: Obj, fill) -> None:
+    x0, y0, x1, y1 = obj.x, obj.y, obj.x + obj.size - 1, obj.y + obj.size - 1  # PIL boxes are inclusive
+    if obj.shape == "circle":
+        draw.ellipse((x0, y0, x1, y1), fill=fill)
+    elif obj.shape == "square":
+        draw.rectangle((x0, y0, x1, y1), fill=fill)
+    elif obj.shape == "triangle":
+        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+    elif obj.shape == "star":
+        draw.polygon(_star_points(obj), fill=fill)
+    else:
+        raise ValueError(f"unknown shape {obj.shape!r}; valid shapes: {', '.join(SHAPES)}")
 
 
 def _star_points(obj: Obj) -> list[tuple[float, float]]:

@@ -1,0 +1,151 @@
+"""Continuous batching: sequences join and leave one decoding batch between steps (what the server runs).
+
+``generate`` decodes a fixed batch until its last row finishes; a server cannot wait for that, so here each
+request is prefilled alone (its images encoded, its prompt run once) and its KV cache copied into a free row of
+the running batch, and a finished or cancelled row leaves at once. One decode step then reads every weight once
+for all rows, which is where batching's throughput comes from on any hardware.
+
+Layout: every layer's cache is one ``[B, H, W, d]`` buffer with a shared write column ``t``. Row ``b`` holds its
+tokens in columns ``[start_b, t)``; the attention mask marks them, and each row has its own RoPE position (the
+count of its tokens), so rows of different lengths decode together exactly as a left-padded batch does. A
+joining prompt longer than ``t`` shifts the others right; reaching the buffer's end shifts every row left by the
+free columns all rows share. Membership changes copy the cache once; a step copies nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vlmlab.inference.generate import PreallocatedLayer, _decoder_step, kv_cache
+
+
+@dataclass
+class _Row:
+    key: object  # the caller's handle
+    start: int  # first cache column of this row
+    position: int  # RoPE position of its next token
+
+
+class DecodeBatch:
+    """Rows decoded together. ``add`` prefills a prompt and returns its next-token logits; ``step`` feeds one
+    token per row and returns the logits of the next; ``remove`` drops a row. ``width`` bounds a row's prompt +
+    generated tokens (the model's context)."""
+
+    def __init__(self, model, width: int):
+        self.model = model
+        self.language = model.language
+        self.width = width
+        self.rows: list[_Row] = []
+        self.t = 0  # the shared write column
+        self.cache = kv_cache(self.language, width)
+        self.layers: list[PreallocatedLayer] | None = (
+            self.cache.layers if all(isinstance(x, PreallocatedLayer) for x in self.cache.layers) else None
+        )
+        if self.layers is None:
+            raise NotImplementedError(
+                f"continuous batching needs plain full-attention layers; {type(self.language).__name__} "
+                "has others (sliding window or hybrid)"
+            )
+        self.mask = torch.zeros(0, width, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def keys(self) -> list:
+        return [r.key for r in self.rows]
+
+    @torch.no_grad()
+    def add(self, key, input_ids: torch.Tensor, **visual_inputs) -> torch.Tensor:
+        """Prefill ``input_ids`` ``[1, P]`` (with its images) alone and join the batch; returns ``[V]`` logits."""
+        P = input_ids.shape[1]
+        if self.width <= P:
+            raise ValueError(f"prompt of {P} tokens does not fit the context of {self.width}")
+        embeds = self.model.embed(input_ids, visual_inputs.pop("pixel_values", None), **visual_inputs)
+        own = kv_cache(self.language, P)
+        logits = _decoder_step(self.language, own)(
+            embeds, torch.ones(1, P, dtype=torch.long), torch.arange(P)[None]
+        )
+        if self.t < P:  # make room on the left: shift the running rows right (t becomes P < width)
+            self._shift(P - self.t)
+        self._append_row(own, P)
+        self.rows.append(_Row(key, self.t - P, P))
+        return logits[0]
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens`` ``[B]`` (one per row, in ``self.rows`` order) -> ``[B, V]`` logits of the next tokens."""
+        if self.t >= self.width:
+            self._compact()
+        B = len(self.rows)
+        self.mask[:, self.t] = 1
+        positions = torch.tensor([[r.position] for r in self.rows])
+        for layer in self.layers:  # the decoder appends at column t
+            layer.keys = layer.key_buf[:, :, : self.t]
+            layer.values = layer.value_buf[:, :, : self.t]
+        embeds = self.language.get_input_embeddings()(tokens.view(B, 1))
+        logits = _decoder_step(self.language, self.cache)(embeds, self.mask[:, : self.t + 1], positions)
+        self.t += 1
+        for r in self.rows:
+            r.position += 1
+        return logits
+
+    def remove(self, key) -> None:
+        keep = [i for i, r in enumerate(self.rows) if r.key != key]
+        if len(keep) == len(self.rows):
+            return
+        index = torch.tensor(keep, dtype=torch.long)
+        for layer in self.layers:
+            layer.key_buf = layer.key_buf.index_select(0, index)
+            layer.value_buf = layer.value_buf.index_select(0, index)
+        self.mask = self.mask.index_select(0, index)
+        self.rows = [self.rows[i] for i in keep]
+        if not self.rows:
+            self.t = 0
+            self.mask = self.mask[:0]
+
+    def _append_row(self, own, P: int) -> None:
+        for layer, src in zip(self.layers, own.layers):
+            k, v = src.keys, src.values  # [1, H, P, d]
+            if not layer.is_initialized or layer.key_buf.shape[0] == 0:
+                H, d = k.shape[1], k.shape[-1]
+                layer.key_buf = k.new_zeros(0, H, self.width, d)
+                layer.value_buf = v.new_zeros(0, v.shape[1], self.width, v.shape[-1])
+                layer.is_initialized, layer.device = True, k.device
+            new_k = k.new_zeros(1, *layer.key_buf.shape[1:])
+            new_v = v.new_zeros(1, *layer.value_buf.shape[1:])
+            new_k[:, :, self.t - P : self.t] = k
+            new_v[:, :, self.t - P : self.t] = v
+            layer.key_buf = torch.cat([layer.key_buf, new_k])
+            layer.value_buf = torch.cat([layer.value_buf, new_v])
+        row_mask = torch.zeros(1, self.width, dtype=torch.long)
+        row_mask[:, self.t - P : self.t] = 1
+        self.mask = torch.cat([self.mask, row_mask])
+
+    def _shift(self, n: int) -> None:
+        """Move every row ``n`` columns right (a longer prompt joins)."""
+        if self.rows:
+            for layer in self.layers:
+                for buf in (layer.key_buf, layer.value_buf):
+                    buf[:, :, n : self.t + n] = buf[:, :, : self.t].clone()
+            self.mask[:, n : self.t + n] = self.mask[:, : self.t].clone()
+            self.mask[:, :n] = 0
+            for r in self.rows:
+                r.start += n
+        self.t += n
+
+    def _compact(self) -> None:
+        """Move every row left by the columns no row uses (the buffer's end was reached)."""
+        free = min((r.start for r in self.rows), default=self.t)
+        if free == 0:
+            raise RuntimeError("a row outgrew the batch's context width")  # callers cap max_tokens
+        for layer in self.layers:
+            for buf in (layer.key_buf, layer.value_buf):
+                buf[:, :, : self.t - free] = buf[:, :, free : self.t].clone()
+        self.mask[:, : self.t - free] = self.mask[:, free : self.t].clone()
+        self.mask[:, self.t - free :] = 0
+        for r in self.rows:
+            r.start -= free
+        self.t -= free

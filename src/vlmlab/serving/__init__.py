@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server: request schemas, limits, image loading and errors."""

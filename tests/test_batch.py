@@ -1,0 +1,77 @@
+"""Continuous batching (``DecodeBatch``): rows that join, leave, shift and compact decode exactly what each
+prompt decodes alone with ``generate``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from vlmlab.inference.batch import DecodeBatch
+
+QUESTIONS = [
+    "What color is the shape?",
+    "How many shapes are there? one two three four circle square",
+    "Where?",
+    "What shape is this? circle square triangle star red green blue",
+    "a large red circle",
+]
+COLOURS = ["red", "blue", "green", "yellow", "purple"]
+
+
+def _prompts(proc):
+    out = []
+    for q, c in zip(QUESTIONS, COLOURS):
+        b = proc([[{"role": "user", "content": "<image>\n" + q}]], [[Image.new("RGB", (32, 32), c)]])
+        out.append((b["input_ids"], b["pixel_values"]))
+    return out
+
+
+def _alone(model, proc, ids, pixels, n):
+    return model.generate(
+        input_ids=ids, pixel_values=pixels, max_new_tokens=n, pad_token_id=proc.pad_token_id
+    )[0].tolist()
+
+
+@pytest.mark.parametrize("tight", [False, True])  # tight: the buffer's end is reached, rows compact left
+def test_rows_joining_and_leaving_decode_like_alone(tiny_model, tight, monkeypatch):
+    model, proc = tiny_model
+    moves = {"_shift": 0, "_compact": 0}
+    for name in moves:
+        original = getattr(DecodeBatch, name)
+
+        def counted(self, *a, _name=name, _original=original):
+            moves[_name] += 1
+            return _original(self, *a)
+
+        monkeypatch.setattr(DecodeBatch, name, counted)
+    prompts = _prompts(proc)
+    # Row i joins at step joins[i] and generates lengths[i] tokens; a long prompt joining later shifts the rest.
+    joins, lengths = [0, 0, 3, 5, 9], [12, 4, 10, 6, 7]
+    width = max(ids.shape[1] + n for (ids, _), n in zip(prompts, lengths)) if tight else 128
+    expected = [_alone(model, proc, ids, px, n) for (ids, px), n in zip(prompts, lengths)]
+    batch = DecodeBatch(model, width)
+    got: dict[int, list[int]] = {}
+    step = 0
+    while len(got) < len(prompts) or len(batch):
+        for i, j in enumerate(joins):
+            if j == step:
+                ids, px = prompts[i]
+                got[i] = [int(batch.add(i, ids, pixel_values=px).argmax())]
+        for i in [k for k in batch.keys if len(got[k]) == lengths[k]]:
+            batch.remove(i)
+        if len(batch):
+            logits = batch.step(torch.tensor([got[k][-1] for k in batch.keys]))
+            for k, row in zip(batch.keys, logits):
+                got[k].append(int(row.argmax()))
+        step += 1
+        assert step < 100
+    assert [got[i] for i in range(len(prompts))] == expected
+    assert moves["_shift"] >= 2 and (moves["_compact"] >= 1) == tight, moves
+
+
+def test_a_prompt_longer_than_the_context_is_refused(tiny_model):
+    model, proc = tiny_model
+    ids, px = _prompts(proc)[1]
+    with pytest.raises(ValueError, match="does not fit the context"):
+        DecodeBatch(model, ids.shape[1]).add(0, ids, pixel_values=px)
