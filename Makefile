@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo bench llava-family test lint format setup clean
+.PHONY: demo bench bench-serve llava-family test lint format setup browser clean
 
 $(STAMP):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,10 +28,28 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/vlmlab bench --out runs/bench/bench.json
 
+bench-serve: $(STAMP)
+	$(BIN)/vlmlab bench-serve --out runs/bench/serve.json
+
 llava-family: $(STAMP)
 	$(BIN)/python scripts/llava_family.py --out runs/llava-family
 
-test: $(STAMP)
+# The chat page test (tests/serving/test_page.py) drives a real headless browser: Debian's Chromium, through the
+# Python playwright package (a dev extra), which is pointed at /usr/bin/chromium. Playwright's own browser
+# download (`playwright install`) does not work offline, so the browser comes from Debian's packages instead,
+# installed once, only when missing (CI runs as root on a clean Debian clone; elsewhere sudo is used). Without it
+# that test fails (it does not skip), saying how to install it. fonts-liberation: text in the page's screenshot.
+CHROMIUM := /usr/bin/chromium
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+browser:
+	@test -x $(CHROMIUM) || { \
+	  echo "installing Debian's chromium for the chat page test"; \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver fonts-liberation \
+	    > /dev/null; }
+
+test: $(STAMP) browser
 	$(BIN)/ruff check src tests scripts
 	$(BIN)/python -m pytest
 

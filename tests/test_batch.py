@@ -75,3 +75,13 @@ def test_a_prompt_longer_than_the_context_is_refused(tiny_model):
     ids, px = _prompts(proc)[1]
     with pytest.raises(ValueError, match="does not fit the context"):
         DecodeBatch(model, ids.shape[1]).add(0, ids, pixel_values=px)
+
+
+def test_a_sliding_window_decoder_is_refused_at_once(tokenizer):
+    from conftest import LLAMA, make_model
+    from vlmlab.config import LanguageConfig
+    from vlmlab.errors import ConfigError
+
+    model, _ = make_model(tokenizer, language=LanguageConfig("mistral", params={**LLAMA, "sliding_window": 16}))
+    with pytest.raises(ConfigError, match="continuous batching needs plain full-attention layers; Mistral"):
+        DecodeBatch(model, 64)

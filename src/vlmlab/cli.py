@@ -198,6 +198,27 @@ def cmd_bench(args: argparse.Namespace) -> None:
     print(f"results: {out}")
 
 
+def cmd_bench_serve(args: argparse.Namespace) -> None:
+    from vlmlab.api import build, load
+    from vlmlab.io import atomic_write_json
+    from vlmlab.serving.bench import format_table, run_bench_serve
+
+    model, processor = load(args.checkpoint) if args.checkpoint else build(args.preset, load_pretrained=False)
+    result = run_bench_serve(
+        model,
+        processor,
+        concurrency=args.concurrency,
+        requests=args.requests,
+        max_tokens=args.max_tokens,
+    )
+    result["settings"]["model"] = args.checkpoint or f"preset {args.preset} (random weights)"
+    print(format_table(result))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, result)
+    print(f"results: {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vlmlab", description="Build, train, evaluate and serve vision-language models."
@@ -312,6 +333,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick", action="store_true", help="a tiny model: seconds, for tests (figures mean nothing)"
     )
     s.set_defaults(fn=cmd_bench)
+
+    s = sub.add_parser(
+        "bench-serve",
+        help="concurrent streaming clients against vlmlab serve on loopback: batched vs one-at-a-time",
+    )
+    s.add_argument("--checkpoint", help="a model to serve (default: --preset with random weights)")
+    s.add_argument("--preset", default="tiny", help="the preset built when no checkpoint is given")
+    s.add_argument("--concurrency", type=_positive_int, default=8, help="concurrent clients (and batch rows)")
+    s.add_argument("--requests", type=_positive_int, default=32, help="requests in all")
+    s.add_argument("--max-tokens", type=_positive_int, default=32)
+    s.add_argument("--out", default="runs/bench/serve.json", help="where to write the JSON results")
+    s.set_defaults(fn=cmd_bench_serve)
     return p
 
 

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import socket
-import threading
-import time
 
 import pytest
 from PIL import Image
 
 from conftest import make_model
+from vlmlab.serving.bench import serve_in_thread
 
 API_KEY = "test-key-0123456789"
 MODEL_NAME = "tiny"
@@ -36,25 +34,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextlib.contextmanager
-def running_server(app):
-    """``app`` served by uvicorn in a thread; yields its base URL."""
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+running_server = serve_in_thread  # ``with running_server(app) as url``
 
 
 @pytest.fixture(scope="module")

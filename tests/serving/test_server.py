@@ -139,6 +139,9 @@ def test_a_client_that_disconnects_frees_its_slot(tiny_served):
             lines = r.iter_lines()
             while not next(lines).startswith("data: {"):
                 pass
+            admitted = time.monotonic()  # the role chunk comes first; the row may still be joining the batch
+            while not engine.running and time.monotonic() - admitted < 10:
+                time.sleep(0.01)
             assert len(engine.running) == 1
         gone = time.monotonic()
         while engine.running and time.monotonic() - gone < 2:
@@ -200,3 +203,28 @@ def test_grounding_boxes_come_back_in_image_pixels(tiny_served, monkeypatch):
     message = r.json()["choices"][0]["message"]
     assert message["content"] == "<ref>red</ref><box>(100,200),(500,1000)</box>"
     assert message["boxes"] == [{"ref": "red", "box": [4.0, 6.0, 20.0, 30.0], "image": 0}]  # 40 x 30 image
+
+
+def test_text_that_cannot_fit_is_refused_before_tokenizing(server, tiny_served, monkeypatch):
+    """No token decodes to more characters than its vocabulary string: longer text is a 400 without encoding."""
+    from vlmlab.processing.processor import Processor
+
+    _, processor = tiny_served
+    longest = max(map(len, processor.tokenizer.get_vocab()))
+    calls = []
+    monkeypatch.setattr(Processor, "encode", lambda *a, **k: calls.append(1))  # must not be reached
+    text = "a" * (128 * longest + 1)
+    r = httpx.post(
+        server + "/v1/chat/completions",
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        json={"model": MODEL_NAME, "messages": [{"role": "user", "content": text}], "max_tokens": 1},
+    )
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert "cannot fit" in r.json()["error"]["message"] and not calls
+
+
+def test_the_chat_page_is_served_with_protective_headers(server):
+    r = httpx.get(server + "/", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert r.status_code == 200 and "<title>vlmlab chat</title>" in r.text
+    assert "frame-ancestors 'none'" in r.headers["content-security-policy"]
+    assert r.headers["x-frame-options"] == "DENY" and r.headers["cache-control"] == "no-store"

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vlmlab.errors import ConfigError
 from vlmlab.inference.generate import PreallocatedLayer, _decoder_step, kv_cache
 
 
@@ -44,7 +45,7 @@ class DecodeBatch:
             self.cache.layers if all(isinstance(x, PreallocatedLayer) for x in self.cache.layers) else None
         )
         if self.layers is None:
-            raise NotImplementedError(
+            raise ConfigError(
                 f"continuous batching needs plain full-attention layers; {type(self.language).__name__} "
                 "has others (sliding window or hybrid)"
             )

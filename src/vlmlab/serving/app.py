@@ -4,7 +4,8 @@ Routes: ``POST /v1/chat/completions`` (text and ``image_url`` parts, streaming a
 ``GET /v1/models``, ``GET /health``, and a chat page at ``/``. What it defends against, and where:
 
 - client mistakes are 4xx in OpenAI's error shape naming the field (``errors.APIError``), checked before any
-  decoding: the body's size (from Content-Length, then while reading), the request's schema and limits
+  decoding: the body's type (application/json, which a cross-site page cannot send without a CORS preflight)
+  and size (from Content-Length, then while reading), the request's schema and limits
   (``protocol``), the images' count, bytes, formats and pixels (``images``), the prompt against the context;
   anything unexpected is a 500 whose message says nothing of the internals;
 - an API key, when set, is required on every route but ``/health`` (``Authorization: Bearer``, or HTTP Basic
@@ -29,6 +30,7 @@ from importlib import resources
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from jinja2 import TemplateError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vlmlab.errors import ImageError, SampleError
@@ -44,9 +46,11 @@ from vlmlab.serving.errors import (
     context_length_exceeded,
     internal_error,
     invalid_request,
+    method_not_allowed,
     model_not_found,
     not_found,
     server_busy,
+    unsupported_media_type,
 )
 from vlmlab.serving.images import load_images
 from vlmlab.serving.limits import Limits
@@ -54,6 +58,16 @@ from vlmlab.serving.limits import Limits
 log = logging.getLogger("vlmlab.serve")
 
 OPEN_ROUTES = {"/health"}  # the only route that needs no API key
+# The chat page: one self-contained file (inline script and style, images as data:/blob: URLs), talking to this
+# origin only; never framed by another site, never cached with a key-protected response.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "img-src data: blob:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-store",
+    "Referrer-Policy": "no-referrer",
+}
 
 
 def create_app(
@@ -71,6 +85,9 @@ def create_app(
     limits = limits or Limits()
     engine = Engine(model, processor, max_batch=max_batch, max_queue=max_queue)
     reserved = P.reserved_strings(processor)
+    # No token decodes to more characters than its vocabulary string has: text longer than context x this cannot
+    # fit, and is refused before tokenizing it (about 1.5 s per MB).
+    max_token_chars = max(map(len, processor.tokenizer.get_vocab()), default=1)
 
     async def lifespan(app):
         engine.start()
@@ -88,7 +105,10 @@ def create_app(
     app.state.engine = engine
     app.state.limits = limits
 
-    if cors_origins:
+    if api_key is not None:
+        app.add_middleware(RequireKey, api_key=api_key)
+
+    if cors_origins:  # outside RequireKey (added last): an allowed page can read a 401 too
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(
@@ -97,9 +117,6 @@ def create_app(
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type"],
         )
-
-    if api_key is not None:
-        app.add_middleware(RequireKey, api_key=api_key)
 
     @app.exception_handler(APIError)
     async def on_api_error(request: Request, err: APIError):
@@ -112,31 +129,32 @@ def create_app(
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, err: StarletteHTTPException):
         if err.status_code == 404:
-            return _error_response(not_found(request.url.path))
-        if err.status_code == 405:
-            return _error_response(
-                APIError(405, f"method {request.method} is not allowed here", code="method_not_allowed")
-            )
-        return _error_response(
-            APIError(err.status_code, "the request could not be served", code="http_error")
-        )
+            api_error = not_found(request.url.path)
+        elif err.status_code == 405:
+            api_error = method_not_allowed(request.method)
+        else:
+            api_error = APIError(err.status_code, "the request could not be served", code="http_error")
+        api_error.headers.update(err.headers or {})  # a 405's Allow header (RFC 9110)
+        return _error_response(api_error)
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, err: Exception):
         log.error("internal error on %s: %s", request.url.path, type(err).__name__, exc_info=err)
         return _error_response(internal_error())
 
-    @app.get("/health", summary="Liveness and load (no API key needed)")
-    async def health() -> dict:
-        return {"status": "ok", "running": len(engine.running), "queued": engine.queued}
+    @app.get("/health", summary="Liveness and load (no API key needed)", responses=P.error_responses(500))
+    async def health() -> P.Health:
+        return P.Health(running=len(engine.running), queued=engine.queued)
 
-    @app.get("/v1/models", response_model=P.ModelList, responses=P.ERROR_RESPONSES)
+    @app.get("/v1/models", response_model=P.ModelList, responses=P.error_responses(401, 500))
     async def models() -> P.ModelList:
         return P.ModelList(data=[P.ModelCard(id=model_name)])
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
-        return HTMLResponse(resources.files("vlmlab.serving").joinpath("static/index.html").read_text())
+        return HTMLResponse(
+            resources.files("vlmlab.serving").joinpath("static/index.html").read_text(), headers=PAGE_HEADERS
+        )
 
     @app.post(
         "/v1/chat/completions",
@@ -146,7 +164,7 @@ def create_app(
                 "description": "The completion, or with stream=true its chunks as server-sent events",
                 "content": {
                     "application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletion"}},
-                    "text/event-stream": {"schema": {"type": "string"}},
+                    "text/event-stream": {"schema": P.SSE_EVENT_SCHEMA},
                 },
             },
             **P.ERROR_RESPONSES,
@@ -159,12 +177,25 @@ def create_app(
         },
     )
     async def chat_completions(request: Request):
+        content_type = request.headers.get("content-type", "")
+        if content_type.partition(";")[0].strip().lower() != "application/json":
+            raise unsupported_media_type(content_type)
         body = await _read_body(request, limits.max_body_bytes)
         req = P.parse_request(body, limits)
         if req.model != model_name:
             raise model_not_found(req.model)
         sampling = req.sampling(limits)
         chat = P.to_chat(req, processor.config.image_token, reserved)
+        # Each message is a token at least (and the encoding's time is quadratic in them), each token at most
+        # max_token_chars characters: what cannot fit is refused before encoding.
+        chars = sum(len(m["content"]) for m in chat.messages)
+        if len(chat.messages) >= engine.context or chars > engine.context * max_token_chars:
+            raise invalid_request(
+                f"messages: {len(chat.messages)} messages of {chars} characters cannot fit this model's context "
+                f"length of {engine.context} tokens",
+                "messages",
+                "context_length_exceeded",
+            )
         images, inputs = await asyncio.to_thread(_prepare, processor, chat, limits)
         prompt_tokens = int(inputs["input_ids"].shape[1])
         if prompt_tokens + sampling.max_tokens > engine.context:
@@ -208,7 +239,7 @@ def create_app(
         usage = P.Usage.count(prompt_tokens, sum(len(s.tokens) for s in seqs))
         return JSONResponse(P.ChatCompletion(model=model_name, choices=choices, usage=usage).model_dump())
 
-    _add_schemas(app)
+    _add_schemas(app, keyed=api_key is not None)
     return app
 
 
@@ -266,6 +297,12 @@ def _prepare(processor, chat: P.Chat, limits: Limits):
         sample = processor.encode(chat.messages, images, add_generation_prompt=True, truncate=False)
     except (SampleError, ImageError) as e:
         raise invalid_request(f"messages: {e}", "messages", "invalid_messages") from None
+    except TemplateError:  # the template's raise_exception ("roles must alternate ..."): the model's rule
+        raise invalid_request(
+            "messages: the model's chat template does not accept this conversation (the order of its roles?)",
+            "messages",
+            "invalid_messages",
+        ) from None
     batch = processor.collate([sample], padding_side="left")
     return images, {"input_ids": batch["input_ids"], **visual_inputs(batch)}
 
@@ -353,9 +390,11 @@ def _error_response(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers or None)
 
 
-def _add_schemas(app: FastAPI) -> None:
+def _add_schemas(app: FastAPI, keyed: bool) -> None:
     """Put the request and completion models into the OpenAPI components (the chat route reads its body itself,
-    so that size limits and error shapes are its own, and FastAPI would not list them)."""
+    so that size limits and error shapes are its own, and FastAPI would not list them), and with ``keyed`` the
+    API key as the security of every route but ``OPEN_ROUTES`` (the key checked by ``RequireKey``, not by
+    FastAPI, which would not list it either)."""
     original = app.openapi
 
     def openapi():
@@ -367,6 +406,15 @@ def _add_schemas(app: FastAPI) -> None:
             s = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(s.pop("$defs", {}))
             components[model.__name__] = s
+        if keyed:
+            schema["components"]["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer", "description": "The API key"},
+                "basic": {"type": "http", "scheme": "basic", "description": "The API key as the password"},
+            }
+            schema["security"] = [{"bearer": []}, {"basic": []}]
+            for path in OPEN_ROUTES:
+                for operation in schema["paths"].get(path, {}).values():
+                    operation["security"] = []
         app.openapi_schema = schema
         return schema
 

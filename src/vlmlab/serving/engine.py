@@ -91,6 +91,9 @@ class Engine:
         self.running: list[Sequence] = []  # read by /health and tests
         self.steps = 0
         self.error: str | None = None
+        self._batch = DecodeBatch(
+            self.model, self.context
+        )  # fails here, at startup, for unsupported decoders
 
     # -- event-loop side ---------------------------------------------------------------------------------
     def submit(self, seqs: Seq[Sequence]) -> None:
@@ -132,8 +135,12 @@ class Engine:
             self._thread.join(timeout=30)
             self._thread = None
 
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def _run(self) -> None:
-        batch = DecodeBatch(self.model, self.context)
+        batch = self._batch
         with torch.inference_mode():
             while True:
                 with self._wake:
@@ -155,7 +162,7 @@ class Engine:
                         self._finish(s, "error")
                         batch.remove(s.id)
                     self.running = []
-                    batch = DecodeBatch(self.model, self.context)
+                    batch = self._batch = DecodeBatch(self.model, self.context)
 
     def _step(self, batch: DecodeBatch, admit: list[Sequence]) -> None:
         for s in admit:

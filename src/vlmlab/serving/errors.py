@@ -24,7 +24,9 @@ ERROR_TYPES = {
     401: "authentication_error",
     403: "permission_error",
     404: "not_found_error",
+    405: "invalid_request_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     422: "invalid_request_error",
     429: "rate_limit_error",
 }
@@ -89,6 +91,16 @@ def body_too_large(size: int, limit: int) -> APIError:
     )
 
 
+def unsupported_media_type(content_type: str) -> APIError:
+    """415: the body is not declared ``application/json``. Required, not sniffed: a browser sends a cross-site
+    POST without asking first (no CORS preflight) only as text/plain, a form or no type at all."""
+    return APIError(
+        415,
+        f"Content-Type must be application/json, not {quote(content_type or 'none')}",
+        code="unsupported_media_type",
+    )
+
+
 def authentication_failed() -> APIError:
     """401: no API key, or a wrong one (the message never says which, nor echoes the key)."""
     return APIError(
@@ -112,6 +124,11 @@ def model_not_found(model: str) -> APIError:
 def not_found(path: str) -> APIError:
     """404: no route at ``path``."""
     return APIError(404, f"no route {quote(path)}", code="not_found")
+
+
+def method_not_allowed(method: str) -> APIError:
+    """405: the route exists but not for ``method`` (the handler adds the ``Allow`` header)."""
+    return APIError(405, f"method {quote(method)} is not allowed on this route", code="method_not_allowed")
 
 
 def too_many_images(param: str, limit: int) -> APIError:

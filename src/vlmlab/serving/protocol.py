@@ -33,6 +33,10 @@ from vlmlab.serving.limits import Limits
 INT64 = 2**63
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's defaults when a request leaves them out
 DEFAULT_TOP_P = 1.0
+# Below these the sampler's float32 arithmetic breaks (logits / temperature overflows; top_p rounds to 0 and
+# the nucleus is empty), while the limits they approach are well defined: greedy decoding, the top token.
+MIN_TEMPERATURE = 1e-4
+MIN_TOP_P = 1e-6
 
 
 # -- request -------------------------------------------------------------------------------------------------
@@ -85,8 +89,9 @@ Content = Annotated[
         custom_error_message="must be a string or an array of content parts",
     ),
 ]
+NonEmpty = Annotated[str, Field(min_length=1)]
 Stop = Annotated[
-    Annotated[str, Tag("string")] | Annotated[list[str], Tag("array")],
+    Annotated[NonEmpty, Tag("string")] | Annotated[list[NonEmpty], Tag("array")],
     Discriminator(
         _string_or_array,
         custom_error_type="invalid_stop",
@@ -134,12 +139,15 @@ class ChatRequest(_Request):
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
     def sampling(self, limits: Limits) -> Sampling:
-        """The generation settings with the defaults filled in."""
+        """The generation settings with the defaults filled in (a temperature under ``MIN_TEMPERATURE`` is
+        greedy, a top_p under ``MIN_TOP_P`` is ``MIN_TOP_P``)."""
         max_tokens = self.max_completion_tokens or self.max_tokens or limits.default_max_tokens
+        temperature = DEFAULT_TEMPERATURE if self.temperature is None else self.temperature
+        top_p = DEFAULT_TOP_P if self.top_p is None else self.top_p
         return Sampling(
             max_tokens=max_tokens,
-            temperature=DEFAULT_TEMPERATURE if self.temperature is None else self.temperature,
-            top_p=DEFAULT_TOP_P if self.top_p is None else self.top_p,
+            temperature=temperature if temperature >= MIN_TEMPERATURE else 0.0,
+            top_p=max(top_p, MIN_TOP_P),
             seed=self.seed,
             stop=self.stop_sequences,
             n=self.n or 1,
@@ -273,21 +281,58 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-# For a FastAPI route's ``responses=``: the error statuses the chat route can answer with, and their body.
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse, "description": description}
-    for status, description in (
-        (400, "Invalid request (names the field in error.param)"),
-        (401, "Missing or wrong API key"),
-        (404, "Unknown model"),
-        (413, "Request body too large"),
-        (429, "Rate limited (see Retry-After)"),
-        (500, "Internal error"),
-        (503, "Server busy (see Retry-After)"),
-    )
+class Health(BaseModel):
+    """``GET /health``: liveness and load (sequences generating and waiting)."""
+
+    status: Literal["ok"] = "ok"
+    running: int
+    queued: int
+
+
+ERROR_DESCRIPTIONS = {
+    400: "Invalid request (names the field in error.param)",
+    401: "Missing or wrong API key",
+    404: "Unknown model",
+    413: "Request body too large",
+    415: "Request body not sent as application/json",
+    429: "Rate limited (see Retry-After)",
+    500: "Internal error",
+    503: "Server busy (see Retry-After)",
 }
 
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """For a FastAPI route's ``responses=``: the error statuses it answers, each with an ``ErrorResponse``."""
+    return {s: {"model": ErrorResponse, "description": ERROR_DESCRIPTIONS[s]} for s in statuses}
+
+
+ERROR_RESPONSES = error_responses(*ERROR_DESCRIPTIONS)  # the chat route's: every one
+
+
 SSE_DONE = "data: [DONE]\n\n"
+# One event of a stream, as OpenAPI tools read a text/event-stream schema (and OpenAPI 3.2's itemSchema): its
+# data is a ChatCompletionChunk, an ErrorResponse (a failure after the 200 was sent), or the last, "[DONE]".
+SSE_EVENT_SCHEMA = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {
+            "anyOf": [
+                {"const": "[DONE]"},
+                {
+                    "type": "string",
+                    "contentMediaType": "application/json",
+                    "contentSchema": {
+                        "anyOf": [
+                            {"$ref": "#/components/schemas/ChatCompletionChunk"},
+                            {"$ref": "#/components/schemas/ErrorResponse"},
+                        ]
+                    },
+                },
+            ]
+        }
+    },
+}
 
 
 def sse_event(payload: BaseModel | dict) -> str:
@@ -300,11 +345,12 @@ def sse_event(payload: BaseModel | dict) -> str:
 def parse_request(body: bytes | str, limits: Limits) -> ChatRequest:
     """Decode and validate a ``POST /v1/chat/completions`` body.
 
-    Raises ``APIError``: 413 ``body_too_large`` over ``limits.max_body_bytes``; 400 for malformed JSON, a schema
-    violation (``param`` names the field), ``n`` over ``max_n``, more than ``max_stop`` stop sequences, an image
-    outside a user message, or more than ``max_images_per_request`` image parts (before any image is fetched or
-    decoded). The server should also refuse an oversized body before reading all of it (Content-Length and a
-    capped read); this check is the last line."""
+    Raises ``APIError``: 413 ``body_too_large`` over ``limits.max_body_bytes``; 400 for malformed JSON, a
+    schema violation (``param`` names the field), ``n`` over ``max_n``, more than ``max_stop`` stop sequences,
+    a first message from the assistant, an image outside a user message, or more than
+    ``max_images_per_request`` image parts (before any image is fetched or decoded). The server should also
+    refuse an oversized body before reading all of it (Content-Length and a capped read); this check is the
+    last line."""
     size = len(body.encode() if isinstance(body, str) else body)
     if size > limits.max_body_bytes:
         raise body_too_large(size, limits.max_body_bytes)
@@ -321,18 +367,16 @@ def _check_limits(request: ChatRequest, limits: Limits) -> None:
         raise invalid_request(
             f"n: {request.n} choices asked, over the limit of {limits.max_n}", "n", "too_many_choices"
         )
-    if isinstance(request.stop, list):
-        if len(request.stop) > limits.max_stop:
-            raise invalid_request(
-                f"stop: {len(request.stop)} stop sequences, over the limit of {limits.max_stop}",
-                "stop",
-                "too_many_stop_sequences",
-            )
-        for k, s in enumerate(request.stop):
-            if not s:
-                raise invalid_request(f"stop[{k}]: must not be empty", f"stop[{k}]")
-    elif request.stop == "":
-        raise invalid_request("stop: must not be empty", "stop")
+    if isinstance(request.stop, list) and len(request.stop) > limits.max_stop:
+        raise invalid_request(
+            f"stop: {len(request.stop)} stop sequences, over the limit of {limits.max_stop}",
+            "stop",
+            "too_many_stop_sequences",
+        )
+    if request.messages[0].role == "assistant":  # the encoder renders what precedes a reply: here, nothing
+        raise invalid_request(
+            "messages[0].role: the conversation must not start with an assistant message", "messages[0].role"
+        )
     count = 0
     for i, message in enumerate(request.messages):
         if isinstance(message.content, str):
@@ -390,7 +434,7 @@ def _validation_error(err: ValidationError) -> APIError:
     elif kind in _BOUNDS:
         key, op = _BOUNDS[kind]
         problem = f"must be {op} {ctx[key]}"
-    elif kind == "too_short":
+    elif kind in ("too_short", "string_too_short"):
         n = ctx.get("min_length", 1)
         problem = "must not be empty" if n == 1 else f"must have at least {n} items"
     elif kind == "too_long":

@@ -32,7 +32,7 @@ VIDEO_PLACEHOLDER = "<video>"  # LLaVA-NeXT-Video convention, paired with the re
 DETAIL_SIDE = 128  # square: a 32 px input shrinks it 4x, 2 x 2 tiles of 32 px (64 px in all) 2x
 DETAIL_ANSWERS = ("horizontal", "vertical")
 DETAIL_BAND = 2  # stripe width in pixels: 1 px at 64 px, half a pixel at 32 px
-DETAIL_DISC = (12, 20)  # disc diameter in pixels
+DETAIL_DISC = (28, 44)  # disc diameter in pixels: 7-11 px at 32 px, where the stripes are gone
 DETAIL_QUESTIONS = (
     "Which way do the stripes on the small disc run?",
     "Are the stripes on the tiny disc horizontal or vertical?",
@@ -54,19 +54,22 @@ MULTI_QUESTIONS = {2: "Do the two images show the same {0}?", 3: "Do all three i
 
 
 def make_detail(rng: random.Random, direction: str) -> Sample:
-    """A ``DETAIL_SIDE`` px square image with one small disc filled with ``DETAIL_BAND``-px stripes of a colour
-    and the background; the answer is the stripes' direction.
+    """A ``DETAIL_SIDE`` px square image with one disc filled with ``DETAIL_BAND``-px stripes of a colour and the
+    background; the answer is the stripes' direction.
 
-    Why stripes, and why a disc at a random stripe phase: downscaling averages fine stripes into an even tint, so
-    4x smaller (one 32 px view) the two directions give the same blob, while 2x smaller (the pixels of 2 x 2
-    AnyRes tiles of 32 px) the stripes are still 1 px lines. A round outline and a random phase leave no other
-    trace of the direction: a square patch of stripes starting and ending with a colour band has a blurred
-    profile that differs between its two axes, and a small CNN learnt to read that at 32 px. Measured with a
-    small CNN (4 conv layers, global max-pooling) trained on 3,000 images and tested on 600 others, six epochs:
-    from a 64 px copy 100% from the first epoch on; from a 32 px copy 49-51% (chance) in every epoch. (3-px
-    bands alias into patterns still legible at 32 px: 98% there.) An earlier design asked for the shape of a
-    5-8 px object; that stays partly legible at 32 px (86% after 20 epochs), is slow to learn at 64 px (98% after
-    8 epochs), and neither tiny VLM design learnt it in 600 steps.
+    Why stripes: downscaling averages fine stripes into an even tint, so 4x smaller (one 32 px view) the two
+    directions give the same blob, while 2x smaller (the pixels of 2 x 2 AnyRes tiles of 32 px) the stripes are
+    still 1 px lines. (At exactly 4x, bicubic resampling averages each 4-px period away whatever its phase.) A
+    round outline leaves no other trace of the direction: a square patch of stripes starting and ending with a
+    colour band has a blurred profile that differs between its two axes, and a small CNN learnt to read that at
+    32 px. Measured with a small CNN (4 conv layers, global max-pooling) trained on 3,000 images and tested on
+    600 others, six epochs: from a 64 px copy 100% from the first epoch on; from a 32 px copy 50-50.3% (chance)
+    in every epoch. (3-px bands alias into patterns still legible at 32 px: 98% there.)
+
+    Why this size: the disc is not tiny, the stripes are the detail. With 12-20 px discs (about one of
+    ``llava-next-tiny``'s ~90 visual tokens) the tiny VLM stayed near its answer prior for 600 steps (60%);
+    at 28-44 px it learns the task. An earlier design asked for the shape of a 5-8 px object: partly legible at
+    32 px (86% for the CNN after 20 epochs), slow to learn at 64 px, and neither tiny VLM design learnt it.
     """
     background, colour = rng.choice(list(BACKGROUNDS)), rng.choice(list(COLOURS))
     size = rng.randint(*DETAIL_DISC)
