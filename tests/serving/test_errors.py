@@ -204,6 +204,34 @@ BAD = {
         "PNG",
     ),
     "truncated PNG": (req(body(image_of(encode(noise(), "PNG")[:300]))), 400, "invalid_image", URL, ""),
+    "truncated JPEG": (
+        req(body(image_of(encode(noise(), "JPEG")[:200], "image/jpeg"))),
+        400,
+        "invalid_image",
+        URL,
+        "",
+    ),
+    "PNG header claiming 30000 x 30000": (
+        req(body(image_of(png_header_only(30_000, 30_000)))),
+        400,
+        "image_too_large",
+        URL,
+        "image is 900000000 pixels",
+    ),
+    "EPS magic bytes as image/png": (
+        req(body(image_of(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"))),
+        400,
+        "unsupported_image_format",
+        URL,
+        "",
+    ),
+    "PDF magic bytes as image/png": (
+        req(body(image_of(b"%PDF-1.7\n1 0 obj << /Type /Catalog >> endobj\ntrailer << >>\n%%EOF\n"))),
+        400,
+        "unsupported_image_format",
+        URL,
+        "",
+    ),
     "malformed base64": (
         req(body(image_url("data:image/png;base64,@@not*base64@@"))),
         400,
@@ -334,6 +362,7 @@ def test_bad_request(url, name):
 
 GOOD = {
     "GIF": req(body(image_of(encode(noise(), "GIF"), "image/gif"))),
+    "a 1 x 1 image": req(body(image_of(encode(Image.new("RGB", (1, 1), "red"), "PNG")))),
     "WEBP": req(body(image_of(encode(noise(), "WEBP"), "image/webp"))),
     "JPEG": req(body(image_of(encode(noise(), "JPEG"), "image/jpeg"))),
     "a PNG sent as image/jpeg (the bytes decide)": req(body(image_of(encode(noise(), "PNG"), "image/jpeg"))),

@@ -133,9 +133,11 @@ def probe_image(data: bytes, limits: Limits, param: str) -> tuple[int, int]:
         try:
             with Image.open(io.BytesIO(data), formats=(fmt,)) as image:
                 width, height = image.size
-        except (Image.DecompressionBombWarning, Image.DecompressionBombError):
-            # Pillow refused the header's size before we saw it: far over any sensible limit.
-            raise _too_many_pixels(param, None, limits) from None
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+            # Pillow refused the header's size before we saw it: far over any sensible limit. Its message
+            # holds the pixel count the header claims ("Image size (N pixels) exceeds ...").
+            claimed = re.search(r"\((\d+) pixels\)", str(e))
+            raise _too_many_pixels(param, int(claimed.group(1)) if claimed else None, limits) from None
         except Exception:  # whatever an allowed plugin raises on a damaged header
             raise _corrupt(param) from None
     if width * height > limits.max_image_pixels:
@@ -380,8 +382,11 @@ def _too_many_bytes(param: str, limits: Limits) -> APIError:
     )
 
 
-def _too_many_pixels(param: str, size: tuple[int, int] | None, limits: Limits) -> APIError:
-    what = f"{size[0]} x {size[1]} pixels" if size else "too many pixels"
+def _too_many_pixels(param: str, size: tuple[int, int] | int | None, limits: Limits) -> APIError:
+    if isinstance(size, tuple):
+        what = f"{size[0]} x {size[1]} pixels"
+    else:
+        what = f"{size} pixels" if size else "too many pixels"
     return invalid_request(
         f"{param}: image is {what}, over the limit of {limits.max_image_pixels} pixels",
         param,
