@@ -82,6 +82,28 @@ def test_a_sliding_window_decoder_is_refused_at_once(tokenizer):
     from vlmlab.config import LanguageConfig
     from vlmlab.errors import ConfigError
 
-    model, _ = make_model(tokenizer, language=LanguageConfig("mistral", params={**LLAMA, "sliding_window": 16}))
+    model, _ = make_model(
+        tokenizer, language=LanguageConfig("mistral", params={**LLAMA, "sliding_window": 16})
+    )
     with pytest.raises(ConfigError, match="continuous batching needs plain full-attention layers; Mistral"):
         DecodeBatch(model, 64)
+
+
+def test_the_cache_starts_narrow_and_widens_as_rows_need(tiny_model):
+    """Buffers sized for the requests, not the model's context: they double when a row needs more columns."""
+    from vlmlab.inference.batch import MIN_WIDTH
+
+    model, proc = tiny_model
+    (ids, px), (ids2, px2) = _prompts(proc)[:2]
+    n = MIN_WIDTH + 10 - ids.shape[1]  # the row passes MIN_WIDTH columns
+    batch = DecodeBatch(model, 128)
+    tokens = [int(batch.add("a", ids, pixel_values=px).argmax())]
+    other = [int(batch.add("b", ids2, pixel_values=px2).argmax())]
+    assert batch.width == MIN_WIDTH
+    for _ in range(n - 1):
+        logits = batch.step(torch.tensor([tokens[-1], other[-1]]))
+        tokens.append(int(logits[0].argmax()))
+        other.append(int(logits[1].argmax()))
+    assert batch.width == 128
+    assert tokens == _alone(model, proc, ids, px, n)
+    assert other == _alone(model, proc, ids2, px2, n)

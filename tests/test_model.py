@@ -294,3 +294,18 @@ def test_supervised_logits_only_gives_the_same_loss_and_gradients(tiny_model):
     for a, b in zip(grads_fast, grads_full):
         if a is not None or b is not None:
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_random_weights_of_a_pretrained_decoder_take_its_shape(tmp_path):
+    """``load_pretrained=False`` with ``language.pretrained`` set and no ``params``: the pretrained model's
+    architecture with random weights, not transformers' defaults (a 7B Llama)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from conftest import LLAMA
+    from vlmlab.config import LanguageConfig
+    from vlmlab.models.language import build_language_model
+
+    AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **LLAMA)).save_pretrained(tmp_path)
+    model = build_language_model(LanguageConfig("llama", pretrained=str(tmp_path)), load_pretrained=False)
+    assert model.config.hidden_size == LLAMA["hidden_size"]
+    assert model.config.num_hidden_layers == LLAMA["num_hidden_layers"]

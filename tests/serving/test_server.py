@@ -228,3 +228,25 @@ def test_the_chat_page_is_served_with_protective_headers(server):
     assert r.status_code == 200 and "<title>vlmlab chat</title>" in r.text
     assert "frame-ancestors 'none'" in r.headers["content-security-policy"]
     assert r.headers["x-frame-options"] == "DENY" and r.headers["cache-control"] == "no-store"
+
+
+def test_a_stopped_generation_loop_fails_requests_instead_of_hanging(tiny_served, monkeypatch):
+    from vlmlab.serving import engine as engine_module
+
+    def broken(self):
+        raise MemoryError("simulated")
+
+    monkeypatch.setattr(engine_module.Engine, "_loop", broken)
+    with running_server(make_app(tiny_served)) as url:
+        deadline = time.monotonic() + 10
+        while httpx.get(url + "/health").status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        health = httpx.get(url + "/health")
+        assert health.status_code == 503 and health.json()["error"]["code"] == "engine_stopped"
+        r = httpx.post(
+            url + "/v1/chat/completions",
+            headers={"Authorization": f"Bearer {API_KEY}"},
+            json={"model": MODEL_NAME, "messages": [image_message()], "max_tokens": 2},
+            timeout=30,
+        )
+        assert r.status_code == 503 and "Retry-After" in r.headers

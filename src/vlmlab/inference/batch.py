@@ -9,7 +9,9 @@ Layout: every layer's cache is one ``[B, H, W, d]`` buffer with a shared write c
 tokens in columns ``[start_b, t)``; the attention mask marks them, and each row has its own RoPE position (the
 count of its tokens), so rows of different lengths decode together exactly as a left-padded batch does. A
 joining prompt longer than ``t`` shifts the others right; reaching the buffer's end shifts every row left by the
-free columns all rows share. Membership changes copy the cache once; a step copies nothing.
+free columns all rows share. Membership changes copy the cache once; a step copies nothing. The buffers start
+narrow and double as rows need more columns, up to the model's context: a decoder with an 8k context but
+short requests keeps a cache sized for the requests, not for 8k.
 """
 
 from __future__ import annotations
@@ -29,18 +31,22 @@ class _Row:
     position: int  # RoPE position of its next token
 
 
+MIN_WIDTH = 64  # columns the cache buffers start with
+
+
 class DecodeBatch:
     """Rows decoded together. ``add`` prefills a prompt and returns its next-token logits; ``step`` feeds one
-    token per row and returns the logits of the next; ``remove`` drops a row. ``width`` bounds a row's prompt +
+    token per row and returns the logits of the next; ``remove`` drops a row. ``context`` bounds a row's prompt +
     generated tokens (the model's context)."""
 
-    def __init__(self, model, width: int):
+    def __init__(self, model, context: int):
         self.model = model
         self.language = model.language
-        self.width = width
+        self.context = context
+        self.width = 0  # the buffers' columns: grown as rows need them, up to context
         self.rows: list[_Row] = []
         self.t = 0  # the shared write column
-        self.cache = kv_cache(self.language, width)
+        self.cache = kv_cache(self.language, context)
         self.layers: list[PreallocatedLayer] | None = (
             self.cache.layers if all(isinstance(x, PreallocatedLayer) for x in self.cache.layers) else None
         )
@@ -49,7 +55,7 @@ class DecodeBatch:
                 f"continuous batching needs plain full-attention layers; {type(self.language).__name__} "
                 "has others (sliding window or hybrid)"
             )
-        self.mask = torch.zeros(0, width, dtype=torch.long)
+        self.mask = torch.zeros(0, 0, dtype=torch.long)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -62,14 +68,15 @@ class DecodeBatch:
     def add(self, key, input_ids: torch.Tensor, **visual_inputs) -> torch.Tensor:
         """Prefill ``input_ids`` ``[1, P]`` (with its images) alone and join the batch; returns ``[V]`` logits."""
         P = input_ids.shape[1]
-        if self.width <= P:
-            raise ValueError(f"prompt of {P} tokens does not fit the context of {self.width}")
+        if self.context <= P:
+            raise ValueError(f"prompt of {P} tokens does not fit the context of {self.context}")
         embeds = self.model.embed(input_ids, visual_inputs.pop("pixel_values", None), **visual_inputs)
         own = kv_cache(self.language, P)
         logits = _decoder_step(self.language, own)(
             embeds, torch.ones(1, P, dtype=torch.long), torch.arange(P)[None]
         )
-        if self.t < P:  # make room on the left: shift the running rows right (t becomes P < width)
+        self._grow(P)
+        if self.t < P:  # make room on the left: shift the running rows right (t becomes P <= width)
             self._shift(P - self.t)
         self._append_row(own, P)
         self.rows.append(_Row(key, self.t - P, P))
@@ -78,8 +85,12 @@ class DecodeBatch:
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """``tokens`` ``[B]`` (one per row, in ``self.rows`` order) -> ``[B, V]`` logits of the next tokens."""
-        if self.t >= self.width:
-            self._compact()
+        if self.t >= self.width:  # no column left: drop the columns no row uses, or widen the buffers
+            free = min(r.start for r in self.rows)
+            if free >= self.width // 4 or (free and self.width >= self.context):
+                self._compact()
+            else:
+                self._grow(self.t + 1)
         B = len(self.rows)
         self.mask[:, self.t] = 1
         positions = torch.tensor([[r.position] for r in self.rows])
@@ -110,9 +121,8 @@ class DecodeBatch:
     def _append_row(self, own, P: int) -> None:
         for layer, src in zip(self.layers, own.layers):
             k, v = src.keys, src.values  # [1, H, P, d]
-            if not layer.is_initialized or layer.key_buf.shape[0] == 0:
-                H, d = k.shape[1], k.shape[-1]
-                layer.key_buf = k.new_zeros(0, H, self.width, d)
+            if not layer.is_initialized:
+                layer.key_buf = k.new_zeros(0, k.shape[1], self.width, k.shape[-1])
                 layer.value_buf = v.new_zeros(0, v.shape[1], self.width, v.shape[-1])
                 layer.is_initialized, layer.device = True, k.device
             new_k = k.new_zeros(1, *layer.key_buf.shape[1:])
@@ -124,6 +134,24 @@ class DecodeBatch:
         row_mask = torch.zeros(1, self.width, dtype=torch.long)
         row_mask[:, self.t - P : self.t] = 1
         self.mask = torch.cat([self.mask, row_mask])
+
+    def _grow(self, columns: int) -> None:
+        """Widen the buffers to hold ``columns`` columns (doubling, at most ``context``)."""
+        if columns <= self.width:
+            return
+        if columns > self.context:
+            raise RuntimeError("a row outgrew the batch's context")  # callers cap max_tokens
+        width = min(self.context, max(columns, 2 * self.width, MIN_WIDTH))
+        for layer in self.layers:
+            if layer.is_initialized:
+                for name in ("key_buf", "value_buf"):
+                    old = getattr(layer, name)
+                    new = old.new_zeros(*old.shape[:2], width, old.shape[-1])
+                    new[:, :, : self.t] = old[:, :, : self.t]
+                    setattr(layer, name, new)
+        mask = self.mask.new_zeros(self.mask.shape[0], width)
+        mask[:, : self.t] = self.mask[:, : self.t]
+        self.mask, self.width = mask, width
 
     def _shift(self, n: int) -> None:
         """Move every row ``n`` columns right (a longer prompt joins)."""
@@ -140,8 +168,6 @@ class DecodeBatch:
     def _compact(self) -> None:
         """Move every row left by the columns no row uses (the buffer's end was reached)."""
         free = min((r.start for r in self.rows), default=self.t)
-        if free == 0:
-            raise RuntimeError("a row outgrew the batch's context width")  # callers cap max_tokens
         for layer in self.layers:
             for buf in (layer.key_buf, layer.value_buf):
                 buf[:, :, : self.t - free] = buf[:, :, free : self.t].clone()

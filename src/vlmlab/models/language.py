@@ -44,6 +44,12 @@ def build_language_model(config: LanguageConfig, load_pretrained: bool = True) -
         return AutoModelForCausalLM.from_pretrained(
             resolve_pretrained(config.pretrained), dtype="float32", use_safetensors=True
         )
+    if config.pretrained and not config.params:
+        # Random weights in the pretrained model's shape: its config, not transformers' defaults for the
+        # model type (a 7B Llama when nothing is given).
+        return AutoModelForCausalLM.from_config(
+            AutoConfig.from_pretrained(resolve_pretrained(config.pretrained))
+        )
     try:
         hf_config = AutoConfig.for_model(config.model_type, **config.params)
     except ValueError as e:

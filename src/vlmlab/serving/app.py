@@ -142,8 +142,12 @@ def create_app(
         log.error("internal error on %s: %s", request.url.path, type(err).__name__, exc_info=err)
         return _error_response(internal_error())
 
-    @app.get("/health", summary="Liveness and load (no API key needed)", responses=P.error_responses(500))
+    @app.get(
+        "/health", summary="Liveness and load (no API key needed)", responses=P.error_responses(500, 503)
+    )
     async def health() -> P.Health:
+        if engine.started and not engine.alive:  # the generation loop stopped: requests would get 503s
+            raise APIError(503, "the generation loop stopped; see the server's log", code="engine_stopped")
         return P.Health(running=len(engine.running), queued=engine.queued)
 
     @app.get("/v1/models", response_model=P.ModelList, responses=P.error_responses(401, 500))

@@ -91,13 +91,15 @@ class Engine:
         self.running: list[Sequence] = []  # read by /health and tests
         self.steps = 0
         self.error: str | None = None
-        self._batch = DecodeBatch(
-            self.model, self.context
-        )  # fails here, at startup, for unsupported decoders
+        # Built here, so that an unsupported decoder fails at startup rather than in the loop.
+        self._batch = DecodeBatch(self.model, self.context)
+        self._outbox: list[tuple[Sequence, tuple]] = []  # events of the current step (``_flush``)
 
     # -- event-loop side ---------------------------------------------------------------------------------
     def submit(self, seqs: Seq[Sequence]) -> None:
         """Queue ``seqs`` (the ``n`` choices of one request) together, or refuse them all."""
+        if self.started and not self.alive:
+            raise EngineBusy(retry_after=60)  # the loop stopped (see ``error``): nothing would answer
         with self._wake:
             if len(self._pending) + len(seqs) > self.max_queue:
                 raise EngineBusy(retry_after=max(1, round(self._retry_estimate())))
@@ -136,10 +138,27 @@ class Engine:
             self._thread = None
 
     @property
+    def started(self) -> bool:
+        return self._thread is not None
+
+    @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # never leave clients waiting on a dead loop
+            log.exception("the generation loop stopped")
+            self.error = f"{type(e).__name__}: {e}"
+            with self._wake:
+                for s in [*self.running, *self._pending]:
+                    self._outbox.append((s, (s.index, "done", "error")))
+                self._pending.clear()
+                self.running = []
+            self._flush()
+
+    def _loop(self) -> None:
         batch = self._batch
         with torch.inference_mode():
             while True:
@@ -149,6 +168,7 @@ class Engine:
                     if self._stopping:
                         for s in [*self.running, *self._pending]:
                             self._finish(s, "cancelled")
+                        self._flush()
                         return
                     admit = []
                     while self._pending and len(self.running) + len(admit) < self.max_batch:
@@ -163,6 +183,8 @@ class Engine:
                         batch.remove(s.id)
                     self.running = []
                     batch = self._batch = DecodeBatch(self.model, self.context)
+                finally:
+                    self._flush()
 
     def _step(self, batch: DecodeBatch, admit: list[Sequence]) -> None:
         for s in admit:
@@ -172,14 +194,16 @@ class Engine:
             logits = batch.add(s.id, **s.inputs)
             self.running.append(s)
             self._accept(s, logits[None])
+            self._flush()  # its first token now, not after the other prefills
         self._drop_finished(batch)
         if not self.running:
             return
         last = torch.tensor([s.tokens[-1] for s in self.running])
         logits = batch.step(last)
         self.steps += 1
-        for s, row in zip(list(self.running), logits):
-            self._accept(s, row[None])
+        greedy = logits.argmax(-1).tolist()  # one call for every greedy row
+        for s, row, g in zip(list(self.running), logits, greedy):
+            self._accept(s, row[None], g)
         self._drop_finished(batch)
 
     def _drop_finished(self, batch: DecodeBatch) -> None:
@@ -189,12 +213,16 @@ class Engine:
             batch.remove(s.id)
             self.running.remove(s)
 
-    def _accept(self, s: Sequence, logits: torch.Tensor) -> None:
-        """Sample ``s``'s next token, emit the text it completes, and finish it when it should."""
+    def _accept(self, s: Sequence, logits: torch.Tensor, greedy: int | None = None) -> None:
+        """Sample ``s``'s next token (``greedy``: its argmax, when already computed), emit the text it completes,
+        and finish it when it should."""
         if s.cancelled:
             return
         p = s.params
-        token = int(sample_next(logits, p.temperature > 0, p.temperature, p.top_p, s.generator)[0])
+        if p.temperature <= 0 and greedy is not None:
+            token = greedy
+        else:
+            token = int(sample_next(logits, p.temperature > 0, p.temperature, p.top_p, s.generator)[0])
         if token in self.eos:
             self._emit(s, final=True)
             self._finish(s, "stop")
@@ -218,7 +246,7 @@ class Engine:
             full = _safe_prefix(full, s.params.stop)
         if len(full) > len(s.text) and full.startswith(s.text):
             delta, s.text = full[len(s.text) :], full
-            s.loop.call_soon_threadsafe(s.events.put_nowait, (s.index, "delta", delta))
+            self._outbox.append((s, (s.index, "delta", delta)))
 
     def _text(self, s: Sequence) -> str:
         # Without the leading whitespace a tokenizer may put before the first word (as ``Processor.decode``).
@@ -226,7 +254,21 @@ class Engine:
 
     def _finish(self, s: Sequence, reason: str) -> None:
         s.finish_reason = reason
-        s.loop.call_soon_threadsafe(s.events.put_nowait, (s.index, "done", reason))
+        self._outbox.append((s, (s.index, "done", reason)))
+
+    def _flush(self) -> None:
+        """Hand this step's events to their event loops: one wake-up per loop and step, not one per token."""
+        by_loop: dict = {}
+        for s, event in self._outbox:
+            by_loop.setdefault(s.loop, []).append((s.events, event))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_deliver, items)
+
+
+def _deliver(items: list) -> None:
+    for queue, event in items:
+        queue.put_nowait(event)
 
 
 def _safe_prefix(text: str, stop: Seq[str]) -> str:
