@@ -9,6 +9,8 @@ Decoding a token reads every weight once, so its speed is memory traffic (measur
 docs/bench.md). Three things keep that traffic down: the KV cache lives in buffers allocated once for the whole
 generation (a growing cache copies all of it for every token and layer), the LM head runs only on the last
 position (at prefill too), and the head is computed as ``W @ h.T``, which streams its large ``[V, D]`` weight once.
+Llama-family decoders (Llama, Qwen2, Mistral) then decode each new token with vlmlab's own step over that cache
+(``fast_decode.py``) instead of transformers' layers, whose per-operation overhead is a large share of a step.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
+from vlmlab.inference.fast_decode import fast_decoder
 from vlmlab.models.language import cache_kwargs
 from vlmlab.models.vlm import plain_head, positions_from_mask
 
@@ -71,10 +74,18 @@ class PreallocatedLayer(DynamicLayer):
 
 
 def kv_cache(language, max_len: int) -> DynamicCache:
-    """The decoder's cache for ``max_len`` positions: preallocated when every layer is plain full attention
-    (sliding-window and other layer kinds keep transformers' own)."""
+    """The decoder's cache for ``max_len`` positions: preallocated when every layer attends to every position it
+    has seen, i.e. plain full attention or a sliding window of at least ``max_len`` (Mistral's 4096 on a shorter
+    generation: nothing ever leaves it). A window the generation reaches, and other layer kinds, keep
+    transformers' own."""
     cache = DynamicCache(config=language.config)
-    if cache.layers and all(type(layer) is DynamicLayer for layer in cache.layers):
+
+    def full(layer) -> bool:
+        return type(layer) is DynamicLayer or (
+            type(layer) is DynamicSlidingWindowLayer and layer.sliding_window >= max_len
+        )
+
+    if cache.layers and all(full(layer) for layer in cache.layers):
         cache.layers = [PreallocatedLayer(max_len) for _ in cache.layers]
     return cache
 
@@ -157,8 +168,13 @@ def _decoder_step(language, cache) -> Callable[[torch.Tensor, torch.Tensor, torc
     kwargs = {"use_cache": cache is not None, **cache_kwargs(language, cache)}
     if plain_head(language):
         decoder = language.get_decoder()
+        # Llama-family decoders decode with vlmlab's own step (inference/fast_decode.py) once the prefill,
+        # transformers' decoder, has filled the preallocated cache.
+        fast = fast_decoder(language, cache)
 
         def step(embeds, mask, positions):
+            if fast is not None and fast.ready(embeds):
+                return last_logits(language, fast(embeds, mask, positions))
             out = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, **kwargs)
             return last_logits(language, out.last_hidden_state[:, -1])
 
