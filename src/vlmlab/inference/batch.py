@@ -56,6 +56,8 @@ class DecodeBatch:
                 "has others (sliding window or hybrid)"
             )
         self.mask = torch.zeros(0, 0, dtype=torch.long)
+        # Built once: the step reads the cache layers' buffers at each call, so growing or reordering them is seen.
+        self._decode = _decoder_step(self.language, self.cache)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -98,7 +100,7 @@ class DecodeBatch:
             layer.keys = layer.key_buf[:, :, : self.t]
             layer.values = layer.value_buf[:, :, : self.t]
         embeds = self.language.get_input_embeddings()(tokens.view(B, 1))
-        logits = _decoder_step(self.language, self.cache)(embeds, self.mask[:, : self.t + 1], positions)
+        logits = self._decode(embeds, self.mask[:, : self.t + 1], positions)
         self.t += 1
         for r in self.rows:
             r.position += 1
