@@ -82,7 +82,7 @@ def test_vlmlab_serve_refuses_a_public_address_without_a_key(tmp_path):
     ]
 
 
-def test_bench_serve_reports_both_modes_with_the_same_tokens(tiny_served):
+def test_bench_serve_reports_both_modes_with_the_same_token_counts(tiny_served):
     from vlmlab.serving.bench import format_table, run_bench_serve
 
     model, processor = tiny_served
@@ -91,5 +91,5 @@ def test_bench_serve_reports_both_modes_with_the_same_tokens(tiny_served):
         r = result[mode]
         assert r["errors"] == 0 and r["requests"] == 4 and r["output_tokens"] > 0
         assert r["ttft_ms"]["p50"] > 0 and r["output_tokens_per_s"] > 0
-    assert result["same_tokens"] and result["throughput_ratio"] > 0
+    assert result["same_token_counts"] and result["throughput_ratio"] > 0
     assert "batched / one-at-a-time throughput" in format_table(result)

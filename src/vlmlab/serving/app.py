@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import hmac
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -37,7 +38,7 @@ from vlmlab.errors import ImageError, SampleError
 from vlmlab.processing.boxes import parse_boxes
 from vlmlab.processing.processor import visual_inputs
 from vlmlab.serving import protocol as P
-from vlmlab.serving.engine import Engine, EngineBusy, SamplingParams
+from vlmlab.serving.engine import Engine, EngineBusy
 from vlmlab.serving.engine import Sequence as Seq
 from vlmlab.serving.errors import (
     APIError,
@@ -206,14 +207,7 @@ def create_app(
             raise context_length_exceeded(prompt_tokens, sampling.max_tokens, engine.context)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        params = SamplingParams(
-            max_tokens=sampling.max_tokens,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            seed=sampling.seed,
-            stop=sampling.stop,
-        )
-        seqs = [Seq(inputs, _seeded(params, i), loop, events, index=i) for i in range(sampling.n)]
+        seqs = [Seq(inputs, _seeded(sampling, i), loop, events, index=i) for i in range(sampling.n)]
         try:
             engine.submit(seqs)
         except EngineBusy as e:
@@ -311,11 +305,11 @@ def _prepare(processor, chat: P.Chat, limits: Limits):
     return images, {"input_ids": batch["input_ids"], **visual_inputs(batch)}
 
 
-def _seeded(params: SamplingParams, i: int) -> SamplingParams:
+def _seeded(sampling: P.Sampling, i: int) -> P.Sampling:
     """Choice ``i`` of ``n``: its own seed, so that the choices differ but a seeded request repeats."""
-    if params.seed is None or i == 0:
-        return params
-    return SamplingParams(params.max_tokens, params.temperature, params.top_p, params.seed + i, params.stop)
+    return (
+        sampling if sampling.seed is None or i == 0 else dataclasses.replace(sampling, seed=sampling.seed + i)
+    )
 
 
 async def _collect(seqs: list[Seq], events: asyncio.Queue, request: Request) -> dict[int, str]:

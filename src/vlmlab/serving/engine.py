@@ -27,6 +27,7 @@ import torch
 
 from vlmlab.inference.batch import DecodeBatch
 from vlmlab.inference.generate import sample_next
+from vlmlab.serving.protocol import Sampling
 
 log = logging.getLogger("vlmlab.serve")
 
@@ -39,15 +40,6 @@ class EngineBusy(Exception):
         self.retry_after = retry_after
 
 
-@dataclass
-class SamplingParams:
-    max_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-
-
 @dataclass(eq=False)  # compared by identity (``running.remove``): fields hold tensors
 class Sequence:
     """One generated choice. Its ``events`` queue (which the ``n`` choices of a request may share) receives
@@ -55,7 +47,7 @@ class Sequence:
     generated so far. ``finish_reason``: "stop", "length", "cancelled" or "error"."""
 
     inputs: dict  # input_ids [1, P] and the visual tensors
-    params: SamplingParams
+    params: Sampling  # max_tokens, temperature, top_p, seed, stop (its n is the request's)
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
     index: int = 0
