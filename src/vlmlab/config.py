@@ -120,6 +120,15 @@ class ProcessorConfig:
     """High-resolution tiling (LLaVA-NeXT); ``None``: one view per image."""
     video: VideoConfig | None = None
     """Video input settings; ``None``: the model takes no videos."""
+    tiler: str | None = None
+    """A tiler from ``vlmlab.models.tiling.TILERS`` (e.g. InternVL's ``dynamic``): each image becomes several
+    ``image_size`` views, encoded one by one, whose feature rows follow each other. ``None``: one view (or AnyRes)."""
+    tiler_params: dict[str, Any] = field(default_factory=dict)
+    """Arguments of the tiler (e.g. ``min_tiles``, ``max_tiles``, ``thumbnail``)."""
+    image_start: str | None = None
+    """Text token written before each image's placeholder run (Qwen-VL's and InternVL's ``<img>``)."""
+    image_end: str | None = None
+    """Text token written after it (``</img>``)."""
 
 
 @dataclass

@@ -82,26 +82,36 @@ class VisionLanguageModel(nn.Module):
         return list(getattr(self, part).parameters())
 
     # -- forward -------------------------------------------------------------------------------------------
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``[N_img, 3, H, W] -> [N_img, N_tok, D_lm]``."""
-        return self.connector(self.vision(pixel_values))
+    def encode_images(self, pixel_values: torch.Tensor, **extra: torch.Tensor | None) -> torch.Tensor:
+        """``[N_img, 3, H, W] -> [N_img, N_tok, D_lm]``.
+
+        ``extra`` holds the other inputs some parts take, each handed to the part that names it in its
+        ``extra_inputs`` (e.g. a tower's ``pixel_attention_mask``, InstructBLIP's ``qformer_input_ids``)."""
+        feats = self.vision(pixel_values, **_inputs_of(self.vision, extra))
+        return self.connector(feats, **_inputs_of(self.connector, extra))
 
     def image_features(
         self,
         pixel_values: torch.Tensor,
         image_sizes: torch.Tensor | None = None,
         batch_num_images: torch.Tensor | None = None,
+        **extra: torch.Tensor | None,
     ) -> torch.Tensor:
         """Feature rows ``[N_rows, D_lm]`` of every image, in order.
 
-        Without AnyRes ``pixel_values`` is ``[N_img, 3, S, S]``. With it, it is transformers' layout
+        Without AnyRes ``pixel_values`` is ``[N_views, 3, S, S]`` (one view per image, or every image's tiles
+        in order, e.g. InternVL's dynamic tiles), or ``[N_img, P, 3, S, S]``: images of up to ``P`` views where
+        all-zero views are padding (transformers' Idefics layout; ``pixel_attention_mask`` ``[N_img, P, H, W]``
+        alike). With it, it is transformers' layout
         ``[N_img, P_max, 3, S, S]`` (each image's views, zero-padded to the most views) or the views concatenated
         ``[sum P, 3, S, S]``, and ``image_sizes`` ``[N_img, 2]`` gives each original ``(height, width)``."""
         cfg = self.config.processor.anyres
         if cfg is None:
+            if pixel_values.dim() == 5:
+                pixel_values, extra = drop_padding_views(pixel_values, extra)
             if pixel_values.dim() != 4:
                 raise SampleError(f"pixel_values must be [N_img, 3, H, W], got {list(pixel_values.shape)}")
-            return self.encode_images(pixel_values).flatten(0, 1)
+            return self.encode_images(pixel_values, **extra).flatten(0, 1)
         if image_sizes is None:
             raise SampleError("an AnyRes model needs image_sizes ([N_img, 2] original heights and widths)")
         sizes = [tuple(s) for s in image_sizes.tolist()]
@@ -122,7 +132,7 @@ class VisionLanguageModel(nn.Module):
             raise SampleError(
                 f"pixel_values has {pixel_values.shape[0]} views, the image sizes need {sum(counts)}"
             )
-        feats = self.encode_images(pixel_values).split(counts)
+        feats = self.encode_images(pixel_values, **extra).split(counts)
         return torch.cat(
             [anyres.pack_features(f, s, cfg, tile, self.image_newline) for f, s in zip(feats, sizes)]
         )
@@ -154,8 +164,15 @@ class VisionLanguageModel(nn.Module):
         image_sizes: torch.Tensor | None = None,
         pixel_values_videos: torch.Tensor | None = None,
         batch_num_images: torch.Tensor | None = None,
+        **extra: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Token embeddings with the visual features spliced into the image and video placeholder positions."""
+        """Token embeddings with the visual features spliced into the image and video placeholder positions.
+        ``extra``: inputs of parts that take more than pixels (``EXTRA_VISUAL_INPUTS``)."""
+        unknown = sorted(k for k, v in extra.items() if k not in EXTRA_VISUAL_INPUTS and v is not None)
+        if unknown:
+            raise SampleError(
+                f"unexpected model input(s) {unknown}; extra visual inputs: {EXTRA_VISUAL_INPUTS}"
+            )
         image_mask = input_ids == self.config.image_token_id
         video_mask = input_ids == self.config.video_token_id
         # Placeholder ids may lie outside the decoder's vocabulary: look up a valid id, then overwrite.
@@ -173,7 +190,7 @@ class VisionLanguageModel(nn.Module):
                 continue
             pixels = pixels.to(embeds.dtype)
             feats = (
-                self.image_features(pixels, image_sizes, batch_num_images)
+                self.image_features(pixels, image_sizes, batch_num_images, **extra)
                 if what == "image"
                 else self.video_features(pixels)
             )
@@ -193,7 +210,7 @@ class VisionLanguageModel(nn.Module):
         past_key_values=None,
         use_cache: bool = False,
         supervised_logits_only: bool = False,
-        **_: object,
+        **extra: object,
     ) -> CausalLMOutputWithPast:
         """transformers' contract: ``.logits`` ``[B, T, V]`` and, with ``labels``, the mean next-token loss.
 
@@ -202,8 +219,9 @@ class VisionLanguageModel(nn.Module):
         logits of every prompt, image and pad position."""
         if position_ids is None and attention_mask is not None and past_key_values is None:
             position_ids = positions_from_mask(attention_mask)
+        extra = {k: v for k, v in extra.items() if k in EXTRA_VISUAL_INPUTS}
         inputs_embeds = self.embed(
-            input_ids, pixel_values, image_sizes, pixel_values_videos, batch_num_images
+            input_ids, pixel_values, image_sizes, pixel_values_videos, batch_num_images, **extra
         )
         if (
             labels is not None
@@ -294,6 +312,29 @@ class VisionLanguageModel(nn.Module):
                 more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
                 raise CheckpointError(f"{source}: {len(keys)} {what} tensor(s): {', '.join(keys[:3])}{more}")
         self.load_state_dict(state, strict=False)
+
+
+# Inputs beyond pixels that some parts take, by the name transformers' processors give them.
+EXTRA_VISUAL_INPUTS = ("pixel_attention_mask", "qformer_input_ids", "qformer_attention_mask")
+
+
+def _inputs_of(part: nn.Module, extra: dict) -> dict:
+    """The entries of ``extra`` that ``part`` takes (its ``extra_inputs``); a part that takes none gets none."""
+    return {k: extra[k] for k in getattr(part, "extra_inputs", ()) if extra.get(k) is not None}
+
+
+def drop_padding_views(pixel_values: torch.Tensor, extra: dict) -> tuple[torch.Tensor, dict]:
+    """``[N_img, P, 3, H, W]`` -> ``[N_views, 3, H, W]`` without the all-zero padding views (transformers'
+    Idefics rule); per-view extras (``pixel_attention_mask`` ``[N_img, P, H, W]``) keep the same views."""
+    flat = pixel_values.flatten(0, 1)
+    real = (flat != 0).flatten(1).any(1)
+    if not real.any():  # all padding: keep one view, as transformers does
+        real[0] = True
+    out = dict(extra)
+    mask = extra.get("pixel_attention_mask")
+    if mask is not None:
+        out["pixel_attention_mask"] = mask.flatten(0, 1)[real]
+    return flat[real], out
 
 
 def _alias_groups(model: nn.Module) -> list[list[str]]:

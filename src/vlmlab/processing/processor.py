@@ -22,7 +22,8 @@ from transformers import AutoTokenizer
 from vlmlab.config import ProcessorConfig, from_dict
 from vlmlab.errors import CheckpointError, SampleError
 from vlmlab.models import video as video_tokens
-from vlmlab.models.tiling import anyres
+from vlmlab.models.tiling import TILERS, anyres
+from vlmlab.models.vlm import EXTRA_VISUAL_INPUTS
 from vlmlab.processing.chat import render_with_spans
 from vlmlab.processing.image import load_image, to_rgb
 from vlmlab.processing.transforms import image_to_tensor, images_to_tensor
@@ -40,6 +41,11 @@ class Processor:
         self.image_token_id = self._special_id(config.image_token)
         self.video_token_id = self._special_id(config.video.token) if config.video is not None else None
         self.grid_side = math.isqrt(num_image_tokens)
+        self.tiler = TILERS[config.tiler](**config.tiler_params) if config.tiler else None
+        if self.tiler is not None and config.anyres is not None:
+            raise SampleError("processor: a tiler and AnyRes are two tilings; set one of them")
+        self.image_start_ids = [self._special_id(t) for t in (config.image_start,) if t]
+        self.image_end_ids = [self._special_id(t) for t in (config.image_end,) if t]
         pad = tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else tokenizer.eos_token_id
 
@@ -54,11 +60,26 @@ class Processor:
         """Placeholder tokens per image: fixed, or with AnyRes from each image's size (and OneVision's rule
         that images sharing a sample are not tiled)."""
         cfg = self.config.anyres
+        if self.tiler is not None:
+            side = self.config.image_size
+            return [
+                self.tiler.num_views((im.height, im.width), side) * self.num_image_tokens for im in images
+            ]
         if cfg is None:
             return [self.num_image_tokens] * len(images)
         tiled = cfg.tile_multi_image or len(images) == 1
         return [
             anyres.num_tokens((im.height, im.width), cfg, self.config.image_size, self.grid_side, tiled)
+            for im in images
+        ]
+
+    def image_token_layouts(self, images: Sequence[Image.Image]) -> list[list[int]] | None:
+        """Each image's token ids when the tiler writes text between its views (``token_ids``), else None."""
+        if self.tiler is None or not hasattr(self.tiler, "token_ids"):
+            return None
+        side, n = self.config.image_size, self.num_image_tokens
+        return [
+            self.tiler.token_ids((im.height, im.width), side, n, self.image_token_id, self.tokenizer)
             for im in images
         ]
 
@@ -123,6 +144,7 @@ class Processor:
             train=train,
             video_tokens=self.video_token_counts(vids),
             truncate=truncate,
+            image_layouts=self.image_token_layouts(ims),
         )
         return {**out, **self.encode_visuals(ims, vids)}
 
@@ -175,7 +197,12 @@ class Processor:
         out: dict[str, torch.Tensor | None] = {"pixel_values": None}
         if cfg.anyres is not None:
             out["image_sizes"] = None
-        if images and cfg.anyres is None:
+        if images and self.tiler is not None:
+            # Views are already S x S: a squash to S leaves them as they are.
+            as_is = dataclasses.replace(cfg, pad_to_square=False, resize="squash")
+            views = [v for im in images for v in self.tiler.views(im, cfg.image_size)]
+            out["pixel_values"] = torch.stack([image_to_tensor(v, as_is) for v in views])
+        elif images and cfg.anyres is None:
             out["pixel_values"] = images_to_tensor(list(images), cfg)
         elif images:
             tiled = cfg.anyres.tile_multi_image or len(images) == 1
@@ -214,11 +241,14 @@ class Processor:
         train: bool = False,
         video_tokens: Sequence[int] = (),
         truncate: bool = True,
+        image_layouts: Sequence[list[int]] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Token ids with each image (video) placeholder expanded to its token count, and the loss labels.
 
         ``image_tokens``: the token count of each image, in order (``image_token_counts``), or the number of
-        images when every image has ``num_image_tokens`` (no AnyRes)."""
+        images when every image has ``num_image_tokens`` (no AnyRes). ``image_layouts``: each image's token ids
+        when a tiler writes text between its views (``image_token_layouts``). Every image's run is wrapped in
+        ``image_start`` / ``image_end`` when the processor has them."""
         if isinstance(image_tokens, int):
             if self.config.anyres is not None:
                 raise SampleError("with AnyRes the image token counts depend on the image sizes; pass them")
@@ -242,11 +272,16 @@ class Processor:
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, labels = [], []
         counts = {tid: iter(c) for tid, c in expand.items()}
+        layouts = iter(image_layouts) if image_layouts is not None else None
         for tok, (start, end) in zip(enc["input_ids"], enc["offset_mapping"]):
             if tok in counts:
                 n = next(counts[tok])
-                ids += [tok] * n
-                labels += [IGNORE_INDEX] * n
+                run = [tok] * n
+                if tok == self.image_token_id:
+                    layout = next(layouts) if layouts is not None else None
+                    run = self.image_start_ids + (run if layout is None else layout) + self.image_end_ids
+                ids += run
+                labels += [IGNORE_INDEX] * len(run)
                 continue
             in_reply = any(s <= start and end <= e and start < e for s, e in spans)
             ids.append(tok)
@@ -371,7 +406,13 @@ def pad_views(views: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 # The model inputs besides the text that a batch may hold (all optional).
-VISUAL_KEYS = ("pixel_values", "image_sizes", "pixel_values_videos", "batch_num_images")
+VISUAL_KEYS = (
+    "pixel_values",
+    "image_sizes",
+    "pixel_values_videos",
+    "batch_num_images",
+    *EXTRA_VISUAL_INPUTS,
+)
 
 
 def visual_inputs(batch: dict) -> dict[str, torch.Tensor]:

@@ -38,6 +38,9 @@ class Stage:
     front_layout: float = 0.0
     """Fraction of multi-image samples shown with every ``<image>`` moved to the front of the prompt (LLaVA-NeXT-
     Interleave mixes both layouts); the rest keep their interleaved layout."""
+    objective: str = "lm"
+    """What the stage minimises (``vlmlab.training.objectives.OBJECTIVES``): ``lm`` next-token prediction, or a
+    connector's own pretraining objectives (e.g. BLIP-2's Q-Former stage 1)."""
     extra: dict = field(default_factory=dict)
     """Free-form notes recorded with the run (e.g. why the recipe is what it is)."""
 

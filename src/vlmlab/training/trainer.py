@@ -31,7 +31,7 @@ from vlmlab.data.dataset import SupervisedDataset, load_stage_records, mix_front
 from vlmlab.errors import DataError, VlmlabError
 from vlmlab.io import JsonlWriter, atomic_write_json, atomic_write_text, read_jsonl
 from vlmlab.models.vlm import CONFIG_FILE, VisionLanguageModel
-from vlmlab.processing.processor import Processor, to_device, visual_inputs
+from vlmlab.processing.processor import Processor, to_device
 from vlmlab.training.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -41,6 +41,7 @@ from vlmlab.training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from vlmlab.training.objectives import OBJECTIVES
 from vlmlab.training.stages import Stage, apply_stage, describe_groups
 
 log = logging.getLogger("vlmlab.train")
@@ -218,6 +219,7 @@ class Trainer:
                         "grad_norm": grad_norm,
                         "lr": lrs,
                         "samples_per_s": n_samples / dt if dt > 0 else 0.0,
+                        **self._terms,
                     }
                 )
                 bar.set_postfix(loss=f"{loss:.3f}", sps=f"{n_samples / dt:.0f}")
@@ -250,6 +252,7 @@ class Trainer:
     ) -> tuple[float, int]:
         """Forward/backward ``grad_accum`` micro-batches; returns the mean loss and the samples used."""
         total, used = 0.0, 0
+        self._terms: dict[str, float] = {}  # an objective's separate loss terms, averaged like the loss
         for micro in range(stage.grad_accum):
             first = (self.state["step"] * stage.grad_accum + micro) * stage.batch_size
             samples = []
@@ -264,15 +267,11 @@ class Trainer:
                 continue
             batch = to_device(self.processor.collate(samples), self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.opt.bf16):
-                out = self.model(
-                    input_ids=batch["input_ids"],
-                    attention_mask=batch["attention_mask"],
-                    labels=batch["labels"],
-                    **visual_inputs(batch),
-                    supervised_logits_only=True,
-                )
+                out = OBJECTIVES[stage.objective](self.model, batch)
             (out.loss / stage.grad_accum).backward()
             total += out.loss.item() / stage.grad_accum
+            for k, v in (getattr(out, "terms", None) or {}).items():
+                self._terms[k] = self._terms.get(k, 0.0) + float(v) / stage.grad_accum
             used += len(samples)
         self._check_bad_fraction()
         return total, used
