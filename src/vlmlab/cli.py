@@ -46,6 +46,31 @@ def cmd_presets(args: argparse.Namespace) -> None:
         print(f"{name:<8} {p.description}\n         recipe: {stages}")
 
 
+def _image_size(s: str) -> tuple[int, int]:
+    h, sep, w = s.lower().partition("x")
+    try:
+        size = (int(h), int(w)) if sep else (int(h), int(h))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected HEIGHTxWIDTH (e.g. 800x1300) or a side, got {s!r}"
+        ) from None
+    if min(size) < 1:
+        raise argparse.ArgumentTypeError(f"image size must be positive, got {s!r}")
+    return size
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    import json
+
+    from vlmlab.summary import render, summarize
+
+    s = summarize(args.preset, args.image_size or [])
+    if args.json:
+        print(json.dumps({k: v for k, v in s.items() if k != "config"}, indent=2))
+    else:
+        print(render(s))
+
+
 def cmd_world(args: argparse.Namespace) -> None:
     from vlmlab.data.world import build_world
 
@@ -233,6 +258,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("presets", help="list the presets and their training recipes")
     s.set_defaults(fn=cmd_presets)
+
+    s = sub.add_parser(
+        "inspect",
+        help="a preset's parts, parameter counts, trainable parameters per stage and visual tokens per image",
+    )
+    s.add_argument("preset", help="a preset name (vlmlab presets)")
+    s.add_argument(
+        "--image-size",
+        type=_image_size,
+        action="append",
+        metavar="HxW",
+        help="image height x width to count visual tokens for (repeatable; default: the preset's view size)",
+    )
+    s.add_argument("--json", action="store_true", help="print the summary as JSON")
+    s.set_defaults(fn=cmd_inspect)
 
     s = sub.add_parser("world", help="write the embedded synthetic world (LLaVA JSON + PNG images)")
     s.add_argument("--out", default="world", help="output directory (default: world)")

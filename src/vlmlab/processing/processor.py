@@ -59,19 +59,9 @@ class Processor:
     def image_token_counts(self, images: Sequence[Image.Image]) -> list[int]:
         """Placeholder tokens per image: fixed, or with AnyRes from each image's size (and OneVision's rule
         that images sharing a sample are not tiled)."""
-        cfg = self.config.anyres
-        if self.tiler is not None:
-            side = self.config.image_size
-            return [
-                self.tiler.num_views((im.height, im.width), side) * self.num_image_tokens for im in images
-            ]
-        if cfg is None:
-            return [self.num_image_tokens] * len(images)
-        tiled = cfg.tile_multi_image or len(images) == 1
-        return [
-            anyres.num_tokens((im.height, im.width), cfg, self.config.image_size, self.grid_side, tiled)
-            for im in images
-        ]
+        return image_token_counts(
+            self.config, self.num_image_tokens, [(im.height, im.width) for im in images], self.tiler
+        )
 
     def image_token_layouts(self, images: Sequence[Image.Image]) -> list[list[int]] | None:
         """Each image's token ids when the tiler writes text between its views (``token_ids``), else None."""
@@ -395,6 +385,23 @@ class Processor:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         config = from_dict(ProcessorConfig, settings["config"], f"{f}: config")
         return cls(tokenizer, config, settings["num_image_tokens"])
+
+
+def image_token_counts(
+    config: ProcessorConfig, tokens_per_view: int, sizes: Sequence[tuple[int, int]], tiler=None
+) -> list[int]:
+    """Feature rows (placeholder tokens) of each image of one sample, from the ``(height, width)`` sizes alone:
+    ``tokens_per_view`` each without tiling; views x tokens with a tiler; AnyRes' count (with OneVision's rule
+    that images sharing a sample are not tiled)."""
+    if config.tiler is not None:
+        tiler = tiler or TILERS[config.tiler](**config.tiler_params)
+        return [tiler.num_views(s, config.image_size) * tokens_per_view for s in sizes]
+    cfg = config.anyres
+    if cfg is None:
+        return [tokens_per_view] * len(sizes)
+    tiled = cfg.tile_multi_image or len(sizes) == 1
+    side = math.isqrt(tokens_per_view)
+    return [anyres.num_tokens(s, cfg, config.image_size, side, tiled) for s in sizes]
 
 
 def pad_views(views: Sequence[torch.Tensor]) -> torch.Tensor:
