@@ -26,13 +26,29 @@ CPU_SCALE = {
     "llava-next-tiny",
     "llava-next-video-tiny",
     "llava-next-interleave-tiny",
+    "qwen-vl-tiny",
+    "minicpm-v-tiny",
+    "internvl-1.5-tiny",
+    "vila-1.5-tiny",
+    "blip2-tiny",
+    "instructblip-tiny",
+    "xcomposer-tiny",
+    "perceiver-tiny",
 }
 # Real-scale LLaVA-NeXT family: built on the meta device in tests/test_llava_next.py.
 NEXT_SCALE = {"llava-next", "llava-next-video", "llava-next-interleave"}
+# Qwen-VL and MiniCPM-V at real scale: built on the meta device in tests/test_resampler.py / tests/test_uhd.py.
+QWEN_SCALE = {"qwen-vl", "minicpm-v"}
+# InternVL 1.5 and VILA-1.5 at real scale: built on the meta device in tests/interop/test_hf_internvl.py.
+INTERNVL_SCALE = {"internvl-1.5", "vila-1.5"}
+# BLIP-2, InstructBLIP and XComposer (v1) at real scale: built on the meta device in tests/test_qformer.py.
+QFORMER_SCALE = {"blip2", "instructblip", "xcomposer"}
 
 
 def test_every_preset_is_covered():
-    assert set(PRESETS) == CPU_SCALE | set(REAL_SCALE) | NEXT_SCALE | {"nano"}
+    assert set(PRESETS) == (
+        CPU_SCALE | set(REAL_SCALE) | NEXT_SCALE | QWEN_SCALE | INTERNVL_SCALE | QFORMER_SCALE | {"nano"}
+    )
 
 
 @pytest.mark.parametrize("name", sorted(REAL_SCALE))

@@ -52,6 +52,11 @@ def load(path: str | os.PathLike) -> tuple[VisionLanguageModel, Processor]:
         from transformers import AutoTokenizer
 
         model = from_pretrained(path)
+        from vlmlab.processing.processor import load_qformer_tokenizer
+
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-        return model, Processor(tokenizer, model.config.processor, model.num_image_tokens)
+        processor = Processor(
+            tokenizer, model.config.processor, model.num_image_tokens, load_qformer_tokenizer(path)
+        )
+        return model, processor
     return VisionLanguageModel.from_pretrained(path), Processor.from_pretrained(path)

@@ -129,6 +129,13 @@ class ProcessorConfig:
     """Text token written before each image's placeholder run (Qwen-VL's and InternVL's ``<img>``)."""
     image_end: str | None = None
     """Text token written after it (``</img>``)."""
+    qformer_instruction: bool = False
+    """InstructBLIP: the user's text (image placeholders removed) also goes to the Q-Former, tokenized by the
+    Q-Former's tokenizer, as ``qformer_input_ids`` / ``qformer_attention_mask`` (one row per image)."""
+    qformer_max_length: int = 128
+    """Longest instruction the Q-Former reads (longer ones are cut)."""
+    image_label: str | None = None
+    """Text written before the k-th image of a conversation (Qwen-VL's ``"Picture {k}: "``, k from 1)."""
 
 
 @dataclass

@@ -202,7 +202,10 @@ def test_grounding_boxes_come_back_in_image_pixels(tiny_served, monkeypatch):
         )
     message = r.json()["choices"][0]["message"]
     assert message["content"] == "<ref>red</ref><box>(100,200),(500,1000)</box>"
-    assert message["boxes"] == [{"ref": "red", "box": [4.0, 6.0, 20.0, 30.0], "image": 0}]  # 40 x 30 image
+    # 40 x 30 image, decoded / 999 as Qwen-VL's evaluation does (1000 is clipped to 999: the far edge).
+    expected = [100 / 999 * 40, 200 / 999 * 30, 500 / 999 * 40, 30.0]
+    assert message["boxes"][0]["ref"] == "red" and message["boxes"][0]["image"] == 0
+    assert message["boxes"][0]["box"] == pytest.approx(expected)
 
 
 def test_text_that_cannot_fit_is_refused_before_tokenizing(server, tiny_served, monkeypatch):

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vlmlab.data.formats import Record, load_records
+from vlmlab.data.preference import encode_pair
 from vlmlab.errors import DataError
 from vlmlab.processing.layout import picks_front, to_front
 from vlmlab.processing.processor import Processor
@@ -62,12 +63,20 @@ class SupervisedDataset:
             messages, images, videos = proc.load_sample(rec.messages, rec.images, rec.videos)
             text = self._text_cache.get(i)
             if text is None:
-                text = proc.encode_text(
-                    messages,
-                    proc.image_token_counts(images),
-                    video_tokens=proc.video_token_counts(videos),
-                    train=True,
-                )
+
+                def encode(msgs: list[dict]) -> dict:
+                    return proc.encode_text(
+                        msgs,
+                        proc.image_token_counts(images),
+                        video_tokens=proc.video_token_counts(videos),
+                        train=True,
+                    )
+
+                # A preference record gives both answers' tokens (collated as pairs, vlmlab.data.preference).
+                if rec.preference is None:
+                    text = encode(messages)
+                else:
+                    text = encode_pair(rec.preference, messages, encode)
                 self._text_cache[i] = text
             visual = proc.encode_visuals(images, videos)
         except DataError as e:

@@ -7,8 +7,10 @@ Accepted record schemas (one file may mix them):
 - messages: ``{"id", "images": [str] (optional), "videos": [str] (optional), "messages": [{"role":
   "system"|"user"|"assistant", "content"}]}``;
 
-both with an optional ``"task"`` string. Every problem raises ``DataError`` with one line naming the file and the
-record (``"{path}: record {i} (id '{id}'): {problem}"``, or ``"{path}: line {n} ..."`` for JSONL).
+both with an optional ``"task"`` string. Preference (DPO) records add ``"chosen"`` and ``"rejected"`` answers to a
+``"prompt"`` or to a conversation ending with a user turn (``vlmlab.data.preference``). Every problem raises
+``DataError`` with one line naming the file and the record (``"{path}: record {i} (id '{id}'): {problem}"``, or
+``"{path}: line {n} ..."`` for JSONL).
 
 [Contract] Validation here is structural only. Image files are opened lazily when a sample is loaded (a missing image
 quarantines one sample, not the dataset), and ``<image>`` placeholder counts are checked by the processor.
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vlmlab.data.preference import is_preference, parse_preference
 from vlmlab.errors import DataError
 
 # LLaVA's "from" names -> chat roles; chat role names map to themselves so either spelling is accepted.
@@ -55,6 +58,9 @@ class Record:
     videos: list[str] = field(default_factory=list)
     """Absolute video paths, resolved like ``images``; one per ``<video>`` placeholder. Last field, so positional
     construction written before videos existed keeps working."""
+    preference: dict | None = None
+    """A preference (DPO) record's answers as given, ``{"chosen": ..., "rejected": ...}`` (checked when its sample
+    is loaded, see ``vlmlab.data.preference``); None for a plain record. ``messages`` then hold the prompt only."""
 
 
 def load_records(path: str | os.PathLike, image_folder: str | os.PathLike | None = None) -> list[Record]:
@@ -142,13 +148,19 @@ def _parse_record(raw: Any, where: str, folder: Path) -> Record:
     task = raw.get("task")
     if task is not None and not isinstance(task, str):
         raise fail(f"'task' must be a string, got {_type_name(task)}")
+    images = [os.path.abspath(folder / image) for image in _parse_paths(raw, ("image", "images"), fail)]
+    videos = [os.path.abspath(folder / video) for video in _parse_paths(raw, ("video", "videos"), fail)]
+    messages, answers = None, None
+    if is_preference(raw):  # DPO records: a prompt and two answers (vlmlab.data.preference)
+        messages, answers = parse_preference(raw, len(images), len(videos), fail)
     return Record(
         id=record_id,
-        images=[os.path.abspath(folder / image) for image in _parse_paths(raw, ("image", "images"), fail)],
-        messages=_parse_messages(raw, fail),
+        images=images,
+        messages=messages if messages is not None else _parse_messages(raw, fail),
         task=task,
         source=where,
-        videos=[os.path.abspath(folder / video) for video in _parse_paths(raw, ("video", "videos"), fail)],
+        videos=videos,
+        preference=answers,
     )
 
 

@@ -19,6 +19,7 @@ import torch
 
 from vlmlab.data.formats import Record
 from vlmlab.io import atomic_write_json, atomic_write_text
+from vlmlab.processing.boxes import box_hit
 from vlmlab.processing.processor import Processor, model_device, to_device, visual_inputs
 from vlmlab.processing.transforms import blank_image
 
@@ -28,6 +29,21 @@ def normalize_answer(text: str) -> str:
     text = re.sub(r"[^\w\s]", " ", text.lower())
     words = [w for w in text.split() if w not in ("a", "an", "the")]
     return " ".join(words)
+
+
+# Tasks not scored by exact match: task -> scorer(prediction, reference) -> bool. ``ground`` (referring
+# expressions): the predicted box's IoU with the reference box is >= 0.5; a malformed answer is a miss.
+TASK_SCORERS = {"ground": box_hit}
+# Tasks whose answers are longer than the default decoding budget: task -> least new tokens.
+TASK_MIN_NEW_TOKENS = {"ground": 64}
+
+
+def score_answer(task: str | None, prediction: str, reference: str) -> bool:
+    """Whether ``prediction`` answers like ``reference``: the task's scorer, else normalised exact match."""
+    scorer = TASK_SCORERS.get(task)
+    if scorer is not None:
+        return bool(scorer(prediction, reference))
+    return normalize_answer(prediction) == normalize_answer(reference)
 
 
 def split_prompt(rec: Record) -> tuple[list[dict], str]:
@@ -80,6 +96,7 @@ def evaluate(
 ) -> tuple[dict, list[dict]]:
     """``({"tasks": {task: {"accuracy", "blind_accuracy", "n"}}, "settings": ...}, per-record predictions)``."""
     records = [r for r in records if any(m["role"] == "assistant" for m in r.messages)]
+    max_new_tokens = max([max_new_tokens, *(TASK_MIN_NEW_TOKENS.get(r.task, 0) for r in records)])
     preds = predict(model, processor, records, batch_size=batch_size, max_new_tokens=max_new_tokens)
     blind = (
         predict(model, processor, records, blind=True, batch_size=batch_size, max_new_tokens=max_new_tokens)
@@ -90,8 +107,8 @@ def evaluate(
     rows = []
     for rec, p, b in zip(records, preds, blind):
         gold = split_prompt(rec)[1]
-        ok = normalize_answer(p) == normalize_answer(gold)
-        ok_blind = b is not None and normalize_answer(b) == normalize_answer(gold)
+        ok = score_answer(rec.task, p, gold)
+        ok_blind = b is not None and score_answer(rec.task, b, gold)
         t = per_task[rec.task or "all"]
         t["n"] += 1
         t["correct"] += ok
@@ -122,6 +139,7 @@ def evaluate(
         "num_image_tokens": processor.num_image_tokens,
         "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest(),
         "answer_normalization": "lower-case, punctuation and articles removed, exact match",
+        "task_scorers": {task: scorer.__name__ for task, scorer in sorted(TASK_SCORERS.items())},
     }
     return {"tasks": tasks, "settings": settings}, rows
 

@@ -4,6 +4,8 @@ Add one: a function in a file of this folder that returns a ``Preset``, and one 
 """
 
 from vlmlab.presets.base import Preset
+from vlmlab.presets.blip2 import blip2, blip2_tiny, instructblip, instructblip_tiny, xcomposer, xcomposer_tiny
+from vlmlab.presets.internvl import internvl_1_5, internvl_1_5_tiny, vila_1_5, vila_1_5_tiny
 from vlmlab.presets.llava import llava, llava_1_5, llava_1_5_tiny
 from vlmlab.presets.llava_next import (
     llava_next,
@@ -14,6 +16,8 @@ from vlmlab.presets.llava_next import (
     llava_next_video_tiny,
 )
 from vlmlab.presets.nano import nano
+from vlmlab.presets.perceiver import perceiver_tiny
+from vlmlab.presets.qwen_vl import minicpm_v, minicpm_v_tiny, qwen_vl, qwen_vl_tiny
 from vlmlab.presets.tiny import tiny
 from vlmlab.registry import Registry
 
@@ -29,5 +33,20 @@ PRESETS["llava-next-interleave"] = llava_next_interleave
 PRESETS["llava-next-tiny"] = llava_next_tiny
 PRESETS["llava-next-video-tiny"] = llava_next_video_tiny
 PRESETS["llava-next-interleave-tiny"] = llava_next_interleave_tiny
+PRESETS["qwen-vl"] = qwen_vl
+PRESETS["qwen-vl-tiny"] = qwen_vl_tiny
+PRESETS["minicpm-v"] = minicpm_v
+PRESETS["minicpm-v-tiny"] = minicpm_v_tiny
+PRESETS["blip2"] = blip2
+PRESETS["blip2-tiny"] = blip2_tiny
+PRESETS["instructblip"] = instructblip
+PRESETS["instructblip-tiny"] = instructblip_tiny
+PRESETS["xcomposer"] = xcomposer
+PRESETS["xcomposer-tiny"] = xcomposer_tiny
+PRESETS["internvl-1.5"] = internvl_1_5
+PRESETS["internvl-1.5-tiny"] = internvl_1_5_tiny
+PRESETS["vila-1.5"] = vila_1_5
+PRESETS["vila-1.5-tiny"] = vila_1_5_tiny
+PRESETS["perceiver-tiny"] = perceiver_tiny
 
 __all__ = ["PRESETS", "Preset"]

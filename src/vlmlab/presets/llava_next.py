@@ -4,7 +4,8 @@ their CPU-scale variants that train on the embedded world.
 - ``llava-next``: LLaVA-1.5's parts plus AnyRes (base view + tiles of the best of five grid resolutions,
   padding unpadded from the features, a learned ``image_newline`` after every row); stage 2 also trains the tower.
 - ``llava-next-video``: frames as images, 2D average pooling with stride 2 (before the projector, as transformers
-  does; ``pool_position="after"`` is the LLaVA-NeXT repository's order), linear RoPE scaling for longer videos.
+  does; ``pool_position="after"`` is the LLaVA-NeXT repository's order), linear RoPE scaling for longer videos;
+  its recipe ends with DPO on preference pairs (``vlmlab.training.dpo``, beta 0.1, lr 5e-7, every part).
 - ``llava-next-interleave``: SigLIP-SO400M + Qwen1.5; multi-image, video frames and multi-view all as interleaved
   image lists; trained on a mix of the interleaved and in-the-front layouts. Like the hub's
   ``llava-interleave-qwen-*-hf`` checkpoints, it has no AnyRes and exports as ``llava``.
@@ -88,6 +89,21 @@ def _next_stages(
     ]
 
 
+def _dpo_stage(train: tuple[str, ...], lr: float, **settings) -> Stage:
+    """LLaVA-NeXT-Video's DPO stage (``scripts/train/dpo.sh``, SYSTEMS.md §12): beta 0.1 (``--dpo_alpha 1.0
+    --beta 0.1 --gamma 0``: the DPO term alone), one learning rate for every trained part. At real scale: 17k
+    preference pairs, 3 epochs at 128 pairs per step = 399 steps, warmup 10%, lr 5e-7. (Its script also passes
+    ``--freeze_mm_mlp_adapter True``; the survey and SYSTEMS.md read "all parts tunable", which is kept here.)"""
+    return Stage(
+        name="dpo",
+        train=train,
+        lr=dict.fromkeys(train, lr),
+        objective="dpo",
+        extra={"dpo": {"beta": 0.1, "dpo_weight": 1.0, "sft_weight": 0.0}},
+        **settings,
+    )
+
+
 def _next_config(name: str) -> ModelConfig:
     config = _real_scale(name, image_size=336, connector="mlp2x_gelu", pad_to_square=False)
     processor = dataclasses.replace(
@@ -119,7 +135,7 @@ def llava_next_video() -> Preset:
         config, processor=dataclasses.replace(config.processor, video=video, max_length=8192)
     )
     config = with_linear_rope(config, 2.0)
-    # Starts from LLaVA-NeXT-Image weights; video SFT trains everything (the DPO stage is not part of vlmlab yet).
+    # Starts from LLaVA-NeXT-Image weights; video SFT trains everything, then DPO on preference pairs.
     recipe = [
         Stage(
             name="video-sft",
@@ -128,7 +144,10 @@ def llava_next_video() -> Preset:
             steps=5000,
             batch_size=128,
             warmup_steps=150,
-        )
+        ),
+        _dpo_stage(
+            EVERYTHING, lr=5e-7, steps=399, batch_size=128, warmup_steps=40, data=("sft_dpo_17k.jsonl",)
+        ),
     ]
     return Preset(
         "llava-next-video",
@@ -267,11 +286,15 @@ def llava_next_video_tiny() -> Preset:
     config = _tiny_config(
         "llava-next-video-tiny", view=64, pool=1, anyres=False, video=video, channels=(16, 32, 64)
     )
+    # Then a short DPO stage on the world's preference pairs (vlmlab.data.world.preferences.write_preferences
+    # writes preferences-train.json into the world folder): beta 0.1 as at real scale; the learning rate is the
+    # tiny recipe's scale (5e-7 would not move a model this small in 100 steps).
+    dpo = _dpo_stage(EVERYTHING, lr=1e-4, steps=100, batch_size=16, data=("preferences-train.json",))
     return Preset(
         "llava-next-video-tiny",
         config,
         _tiny_tokenizer("<video>"),
-        _tiny_recipe(("video",), 1200),
+        [*_tiny_recipe(("video",), 1200), dpo],
         description="LLaVA-NeXT-Video structure at CPU scale (frames pooled 2 x 2)",
     )
 

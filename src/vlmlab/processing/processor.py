@@ -26,6 +26,7 @@ from vlmlab.models.tiling import TILERS, anyres
 from vlmlab.models.vlm import EXTRA_VISUAL_INPUTS
 from vlmlab.processing.chat import render_with_spans
 from vlmlab.processing.image import load_image, to_rgb
+from vlmlab.processing.image_labels import label_images
 from vlmlab.processing.transforms import image_to_tensor, images_to_tensor
 
 IGNORE_INDEX = -100
@@ -33,8 +34,10 @@ PROCESSOR_FILE = "processor.json"
 
 
 class Processor:
-    def __init__(self, tokenizer, config: ProcessorConfig, num_image_tokens: int):
+    def __init__(self, tokenizer, config: ProcessorConfig, num_image_tokens: int, qformer_tokenizer=None):
         self.tokenizer = tokenizer
+        self.qformer_tokenizer = qformer_tokenizer
+        """InstructBLIP's Q-Former tokenizer (``config.qformer_instruction``); None: the model's own tokenizer."""
         self.config = config
         self.num_image_tokens = num_image_tokens
         """Tokens of one view (an image without AnyRes, a tile, a video frame before pooling)."""
@@ -136,7 +139,21 @@ class Processor:
             truncate=truncate,
             image_layouts=self.image_token_layouts(ims),
         )
-        return {**out, **self.encode_visuals(ims, vids)}
+        out = {**out, **self.encode_visuals(ims, vids)}
+        if self.config.qformer_instruction and ims:
+            out["qformer_input_ids"] = self.instruction_ids(messages).expand(len(ims), -1)
+        return out
+
+    def instruction_ids(self, messages: list[dict]) -> torch.Tensor:
+        """InstructBLIP's Q-Former input: the user turns' text without image placeholders, ``[L]``."""
+        text = "\n".join(
+            m["content"].replace(self.config.image_token, "").strip()
+            for m in messages
+            if m.get("role") == "user" and isinstance(m.get("content"), str)
+        )
+        tok = self.qformer_tokenizer or self.tokenizer
+        ids = tok(text, truncation=True, max_length=self.config.qformer_max_length)["input_ids"]
+        return torch.tensor(ids, dtype=torch.long)[None]
 
     def load_sample(
         self, messages: list[dict], images: Sequence = (), videos: Sequence = ()
@@ -258,6 +275,8 @@ class Processor:
                 raise SampleError(
                     f"{n_placeholders} {placeholder} placeholder(s) in the conversation but {n} {what}(s)"
                 )
+        if self.config.image_label:  # Qwen-VL: "Picture k: " before the k-th image
+            messages = label_images(messages, self.config.image_token, self.config.image_label)
         text, spans = render_with_spans(self.tokenizer, messages, add_generation_prompt)
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, labels = [], []
@@ -300,6 +319,10 @@ class Processor:
     # -- batches -------------------------------------------------------------------------------------------
     def collate(self, samples: Sequence[dict], padding_side: str = "right") -> dict[str, torch.Tensor | None]:
         """Pad to the longest sample; images (videos) of all samples are concatenated in order."""
+        if any("rejected_input_ids" in s for s in samples):  # DPO pairs: chosen rows, then rejected rows
+            from vlmlab.data.preference import collate_pairs
+
+            return collate_pairs(self, samples, padding_side)
         T = max(len(s["input_ids"]) for s in samples)
         B = len(samples)
         input_ids = torch.full((B, T), self.pad_token_id, dtype=torch.long)
@@ -321,6 +344,20 @@ class Processor:
                 # OneVision: images per sample (samples without images left out, as transformers does).
                 counts = [len(s["image_sizes"]) for s in samples if s.get("image_sizes") is not None]
                 batch["batch_num_images"] = torch.tensor(counts) if counts else None
+        rows = [s["qformer_input_ids"] for s in samples if s.get("qformer_input_ids") is not None]
+        if rows:  # one instruction row per image, right-padded
+            tok = self.qformer_tokenizer or self.tokenizer
+            pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+            ids = torch.full(
+                (sum(len(r) for r in rows), max(r.shape[1] for r in rows)), pad, dtype=torch.long
+            )
+            mask = torch.zeros_like(ids)
+            at = 0
+            for r in rows:
+                ids[at : at + len(r), : r.shape[1]] = r
+                mask[at : at + len(r), : r.shape[1]] = 1
+                at += len(r)
+            batch["qformer_input_ids"], batch["qformer_attention_mask"] = ids, mask
         if self.config.video is not None:
             vids = [s["pixel_values_videos"] for s in samples if s.get("pixel_values_videos") is not None]
             if vids and len({v.shape[1] for v in vids}) > 1:
@@ -372,6 +409,8 @@ class Processor:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(str(path))
+        if self.qformer_tokenizer is not None:
+            self.qformer_tokenizer.save_pretrained(str(path / QFORMER_TOKENIZER))
         settings = {"config": _to_json(self.config), "num_image_tokens": self.num_image_tokens}
         (path / PROCESSOR_FILE).write_text(json.dumps(settings, indent=2))
 
@@ -384,7 +423,16 @@ class Processor:
         settings = json.loads(f.read_text())
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         config = from_dict(ProcessorConfig, settings["config"], f"{f}: config")
-        return cls(tokenizer, config, settings["num_image_tokens"])
+        return cls(tokenizer, config, settings["num_image_tokens"], load_qformer_tokenizer(path))
+
+
+QFORMER_TOKENIZER = "qformer_tokenizer"  # the subfolder transformers' InstructBlipProcessor writes
+
+
+def load_qformer_tokenizer(path: Path):
+    """The Q-Former's own tokenizer saved beside a model (InstructBLIP), or None."""
+    sub = Path(path) / QFORMER_TOKENIZER
+    return AutoTokenizer.from_pretrained(str(sub)) if sub.is_dir() else None
 
 
 def image_token_counts(

@@ -9,12 +9,19 @@ system's stages.
 
 from __future__ import annotations
 
+from vlmlab.errors import ConfigError
 from vlmlab.processing.processor import visual_inputs
 from vlmlab.registry import Registry
+from vlmlab.training.dpo import dpo
+from vlmlab.training.qformer import qformer_stage1
 
 
 def lm_loss(model, batch: dict):
     """The mean next-token loss over supervised positions (the LM head computed only there)."""
+    if batch.get("pairs") is not None:  # chosen + rejected rows: training on both would teach the rejected
+        raise ConfigError(
+            "a stage with objective 'lm' got preference pairs (chosen/rejected); use objective 'dpo'"
+        )
     return model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
@@ -26,3 +33,5 @@ def lm_loss(model, batch: dict):
 
 OBJECTIVES = Registry("training objective")
 OBJECTIVES["lm"] = lm_loss
+OBJECTIVES["qformer_stage1"] = qformer_stage1
+OBJECTIVES["dpo"] = dpo  # needs preference pairs; its reference is made when the stage starts

@@ -39,8 +39,9 @@ class Stage:
     """Fraction of multi-image samples shown with every ``<image>`` moved to the front of the prompt (LLaVA-NeXT-
     Interleave mixes both layouts); the rest keep their interleaved layout."""
     objective: str = "lm"
-    """What the stage minimises (``vlmlab.training.objectives.OBJECTIVES``): ``lm`` next-token prediction, or a
-    connector's own pretraining objectives (e.g. BLIP-2's Q-Former stage 1)."""
+    """What the stage minimises (``vlmlab.training.objectives.OBJECTIVES``): ``lm`` next-token prediction, a
+    connector's own pretraining objectives (e.g. BLIP-2's Q-Former stage 1), or ``dpo`` on preference pairs
+    (``vlmlab.training.dpo``; its settings in ``extra["dpo"]``, e.g. ``{"beta": 0.1}``)."""
     extra: dict = field(default_factory=dict)
     """Free-form notes recorded with the run (e.g. why the recipe is what it is)."""
 

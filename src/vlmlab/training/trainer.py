@@ -148,6 +148,11 @@ class Trainer:
     # -- one stage -----------------------------------------------------------------------------------------
     def _run_stage(self, stage: Stage, saved: dict | None) -> bool:
         groups = apply_stage(self.model, stage)
+        # An objective with state of its own (DPO: its frozen reference, kept on disk for resume).
+        begin = getattr(OBJECTIVES[stage.objective], "begin_stage", None)
+        if begin is not None:
+            state_dir = self.run_dir / "objective" / f"stage-{self.state['stage']}"
+            begin(self.model, stage, state_dir, fresh=self.state["step"] == 0)
         log.info(
             "stage %r: %d steps x %d samples", stage.name, stage.steps, stage.batch_size * stage.grad_accum
         )

@@ -7,6 +7,7 @@ the scene's coordinates. ``scenes`` samples and renders, ``tasks`` writes questi
 
 from vlmlab.data.world.extra_tasks import EXTRA_TASKS
 from vlmlab.data.world.generate import build_world
+from vlmlab.data.world.preferences import write_preferences
 from vlmlab.data.world.tasks import TASKS
 
-__all__ = ["EXTRA_TASKS", "TASKS", "build_world"]
+__all__ = ["EXTRA_TASKS", "TASKS", "build_world", "write_preferences"]

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from vlmlab.data.formats import write_json_atomic, write_llava_json
 from vlmlab.data.world.extra_tasks import EXTRA_TASKS
+from vlmlab.data.world.grounding import GROUNDING_TASKS
 from vlmlab.data.world.scenes import Scene, render
 from vlmlab.data.world.tasks import CAPTION, TASK_SPECS, TASKS, Sample
 from vlmlab.errors import ConfigError
@@ -109,10 +110,11 @@ def build_world(
         "n_captions": _per_split(n_captions, DEFAULT_N_CAPTIONS, "n_captions"),
     }
     if extra_tasks:  # only when asked: a default build's world.json stays byte-identical to older builds
-        settings["extra_tasks"] = _check_tasks(extra_tasks, EXTRA_TASKS)
+        settings["extra_tasks"] = _check_tasks(extra_tasks, (*EXTRA_TASKS, *GROUNDING_TASKS))
     summary_path = out_dir / "world.json"
     existing = _read_summary(summary_path)
     if existing is not None and existing.get("settings") == settings and _complete(out_dir, existing):
+        _write_preferences(out_dir, settings)  # a world built before the preference files existed
         return {**existing, "out_dir": str(out_dir), "regenerated": False}
 
     # A stale world.json must not vouch for a half-rewritten world if this build is interrupted.
@@ -137,11 +139,27 @@ def build_world(
     summary = {
         "settings": settings,
         "counts": counts,
-        "answers": {task: list(TASK_SPECS[task].answers) for task in [*settings["tasks"], *extra]},
+        "answers": {
+            task: None if TASK_SPECS[task].answers is None else list(TASK_SPECS[task].answers)
+            for task in [*settings["tasks"], *extra]
+        },
         "files": {split: f"{split}.json" for split in SPLITS},
     }
+    _write_preferences(out_dir, settings)
     write_json_atomic(summary_path, summary)
     return {**summary, "out_dir": str(out_dir), "regenerated": True}
+
+
+def _write_preferences(out_dir: Path, settings: dict) -> None:
+    """With the video task: its DPO preference pairs per split (``preferences-<split>.json``, the true direction
+    chosen over the opposite one), the data of ``llava-next-video-tiny``'s DPO stage."""
+    from vlmlab.data.world.preferences import PREFERENCE_FILE, write_preferences
+
+    if "video" not in settings.get("extra_tasks", []):
+        return
+    for split in SPLITS:
+        if settings["n_per_task"][split] and not (out_dir / PREFERENCE_FILE.format(split=split)).is_file():
+            write_preferences(out_dir, split)
 
 
 def to_llava_record(record_id: str, media: str | list[str], sample: Sample) -> dict:

@@ -7,8 +7,10 @@ share one module.
 Key maps are declarative and loading fails loudly on missing, unexpected or mis-shaped tensors.
 """
 
-from vlmlab.interop.hf import llava
+from vlmlab.interop.hf import internvl, llava
+from vlmlab.interop.hf.blip2 import blip_2, instructblip
 from vlmlab.interop.hf.convert import export_hf, import_hf, is_hf_checkpoint
+from vlmlab.interop.hf.idefics import idefics2, idefics3
 from vlmlab.interop.hf.llava_next import hf_model_type, llava_next, llava_next_video, llava_onevision
 from vlmlab.interop.original import llava as original_llava
 from vlmlab.registry import Registry
@@ -19,5 +21,10 @@ HF_FORMATS["llava_next"] = llava_next
 HF_FORMATS["llava_next_video"] = llava_next_video
 HF_FORMATS["llava_onevision"] = llava_onevision
 HF_FORMATS["llava_llama"] = original_llava
+HF_FORMATS["idefics2"] = idefics2
+HF_FORMATS["idefics3"] = idefics3
+HF_FORMATS["blip-2"] = blip_2
+HF_FORMATS["instructblip"] = instructblip
+HF_FORMATS["internvl"] = internvl
 
 __all__ = ["HF_FORMATS", "export_hf", "hf_model_type", "import_hf", "is_hf_checkpoint"]

@@ -90,6 +90,8 @@ def export_hf(model, path: str | os.PathLike, formats, model_type: str) -> None:
     inverse = [(dst, src) for src, dst in fmt.KEY_MAP]
     state, seen = {}, {}
     for key, tensor in model.state_dict().items():
+        if hasattr(fmt, "export_drops") and fmt.export_drops(key):  # vlmlab-only tensors (e.g. stage-1 heads)
+            continue
         new = _rename(key, inverse)
         if new is None:
             raise CheckpointError(f"{model_type}: no transformers name for tensor {key!r}")

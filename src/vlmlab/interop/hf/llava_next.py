@@ -103,6 +103,14 @@ class Format:
 
 def hf_model_type(config: ModelConfig) -> str:
     """The transformers model type a vlmlab model exports to."""
+    from vlmlab.interop.hf.idefics import MODEL_TYPES
+
+    if config.connector.name in MODEL_TYPES:
+        return MODEL_TYPES[config.connector.name]
+    if config.connector.name == "qformer":  # BLIP-2 family (interop/hf/blip2.py)
+        return "instructblip" if config.connector.params.get("instruction") else "blip-2"
+    if config.connector.name == "pixel_shuffle_mlp":  # InternVL (interop/hf/internvl.py)
+        return "internvl"
     tiles, video = config.processor.anyres, config.processor.video
     if tiles is None:
         return "llava"

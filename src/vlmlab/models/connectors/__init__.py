@@ -5,8 +5,20 @@
 """
 
 from vlmlab.models.connectors.mlp import linear, mlp2x_gelu
+from vlmlab.models.connectors.perceiver import FlamingoPerceiver, Idefics2Perceiver
+from vlmlab.models.connectors.pixel_shuffle import DownsampleMLP, Idefics3Connector, PixelShuffleMLP
+from vlmlab.models.connectors.qformer import qformer
+from vlmlab.models.connectors.resampler import minicpm_resampler, qwen_vl_adapter
 from vlmlab.registry import Registry
 
 CONNECTORS = Registry("connector")
 CONNECTORS["linear"] = linear
 CONNECTORS["mlp2x_gelu"] = mlp2x_gelu
+CONNECTORS["qwen_vl_adapter"] = qwen_vl_adapter
+CONNECTORS["minicpm_resampler"] = minicpm_resampler
+CONNECTORS["perceiver"] = FlamingoPerceiver
+CONNECTORS["idefics2_perceiver"] = Idefics2Perceiver
+CONNECTORS["idefics3"] = Idefics3Connector
+CONNECTORS["qformer"] = qformer
+CONNECTORS["pixel_shuffle_mlp"] = PixelShuffleMLP
+CONNECTORS["mlp_downsample"] = DownsampleMLP

@@ -4,13 +4,20 @@
 ``num_tokens`` (N_vis at ``config.image_size``) and ``forward(pixel_values) -> features``.
 """
 
+from vlmlab.models.encoders.blip_vit import BlipViTTower
 from vlmlab.models.encoders.convnet import ConvNetTower
 from vlmlab.models.encoders.efficientnet import EfficientNetTower
 from vlmlab.models.encoders.hf_vit import CLIPTower, SiglipTower
+from vlmlab.models.encoders.idefics_vit import Idefics2ViTTower, Idefics3ViTTower
+from vlmlab.models.encoders.internvit import InternViTTower
 from vlmlab.registry import Registry
 
 ENCODERS = Registry("vision encoder")
 ENCODERS["clip"] = CLIPTower
 ENCODERS["siglip"] = SiglipTower
+ENCODERS["idefics2_vit"] = Idefics2ViTTower
+ENCODERS["idefics3_vit"] = Idefics3ViTTower
 ENCODERS["convnet"] = ConvNetTower
 ENCODERS["efficientnet-lite0"] = EfficientNetTower
+ENCODERS["blip_vit"] = BlipViTTower
+ENCODERS["internvit"] = InternViTTower

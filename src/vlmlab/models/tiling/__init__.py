@@ -9,6 +9,13 @@ Add one: a file in this folder and one line below. LLaVA-NeXT AnyRes (``anyres.p
 into one map with newlines and unpadding, so it has its own settings (``ProcessorConfig.anyres``).
 """
 
+from vlmlab.models.tiling.idefics import Idefics2Tiler, Idefics3Tiler
+from vlmlab.models.tiling.internvl import DynamicTiler
+from vlmlab.models.tiling.uhd import UHDTiler
 from vlmlab.registry import Registry
 
 TILERS = Registry("tiler")
+TILERS["idefics2"] = Idefics2Tiler
+TILERS["idefics3"] = Idefics3Tiler
+TILERS["dynamic"] = DynamicTiler
+TILERS["uhd"] = UHDTiler
