@@ -9,33 +9,25 @@ InstructBLIP and InternLM-XComposer (v1). Reference: transformers ``models/blip_
 from __future__ import annotations
 
 import torch
-from torch import nn
 from transformers import Blip2VisionConfig, Blip2VisionModel
 
-from vlmlab.config import VisionConfig, architecture_fields
+from vlmlab.config import VisionConfig
 from vlmlab.errors import ConfigError
+from vlmlab.models.encoders.hf_vit import TransformersTower
 
 
-class BlipViTTower(nn.Module):
+class BlipViTTower(TransformersTower):
     """vision.select_layer must be -1 and select_feature ``cls_patch``: the tower is used whole, as BLIP-2 does."""
 
     def __init__(self, config: VisionConfig):
-        super().__init__()
         if config.select_layer != -1 or config.select_feature != "cls_patch":
             raise ConfigError(
                 "vision 'blip_vit' returns the last layer with the CLS row (BLIP-2): set select_layer=-1 and "
                 f"select_feature='cls_patch', not {config.select_layer} / {config.select_feature!r}"
             )
-        if config.pretrained:
-            self.model = Blip2VisionModel.from_pretrained(config.pretrained, use_safetensors=True)
-        else:
-            self.model = Blip2VisionModel(Blip2VisionConfig(image_size=config.image_size, **config.params))
+        super().__init__(config, Blip2VisionModel, Blip2VisionConfig)
         hf = self.model.config
-        self.hidden_size = hf.hidden_size
         self.num_tokens = (hf.image_size // hf.patch_size) ** 2 + 1
-
-    def architecture_params(self) -> dict:
-        return architecture_fields(self.model.config.to_dict(), drop=("image_size",))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         h = self.model.embeddings(pixel_values)  # [B, 1 + N_patch, D]

@@ -21,39 +21,55 @@ from vlmlab.errors import ConfigError
 SELECT_FEATURES = ("patch", "cls_patch")
 
 
-class HFVisionTower(nn.Module):
+class TransformersTower(nn.Module):
+    """The base of every tower that is a transformers vision model (CLIP, SigLIP, InternViT, BLIP-2's EVA ViT,
+    Idefics2/3's): ``self.model`` is the pretrained model when ``config.pretrained`` names one, else a random one
+    in the shape of ``config.params``; ``architecture_params`` records that shape in checkpoints."""
+
+    def __init__(self, config: VisionConfig, model_cls: type, config_cls: type):
+        super().__init__()
+        if config.pretrained:
+            self.model = model_cls.from_pretrained(config.pretrained, use_safetensors=True)
+        else:
+            self.model = model_cls(config_cls(image_size=config.image_size, **config.params))
+        self.hidden_size = self.model.config.hidden_size
+
+    def architecture_params(self) -> dict:
+        """The tower's transformers config as ``params`` (``image_size`` is the VisionConfig's own field)."""
+        return architecture_fields(self.model.config.to_dict(), drop=("image_size",))
+
+    def layers_to_run(self, select_layer: int) -> int:
+        """How many encoder layers produce ``hidden_states[select_layer]`` (checked against the depth)."""
+        n_layers = self.model.config.num_hidden_layers
+        # hidden_states has n_layers + 1 entries (embeddings first), so valid indices are [-(n+1), n].
+        if not -(n_layers + 1) <= select_layer <= n_layers:
+            raise ConfigError(f"vision.select_layer: {select_layer} out of range for {n_layers} layers")
+        # hidden_states[0] is the embedding output, hidden_states[i] the output of layer i.
+        return select_layer % (n_layers + 1)
+
+
+def check_select_feature(config: VisionConfig) -> None:
+    if config.select_feature not in SELECT_FEATURES:
+        raise ConfigError(
+            f"vision.select_feature: {config.select_feature!r} is not one of {list(SELECT_FEATURES)}"
+        )
+
+
+class HFVisionTower(TransformersTower):
     """``[B, 3, H, W] -> [B, N_vis, D_vis]`` from a transformers vision transformer."""
 
     has_cls = True
 
     def __init__(self, config: VisionConfig, model_cls: type, config_cls: type):
-        super().__init__()
-        if config.select_feature not in SELECT_FEATURES:
-            raise ConfigError(
-                f"vision.select_feature: {config.select_feature!r} is not one of {list(SELECT_FEATURES)}"
-            )
+        check_select_feature(config)
+        super().__init__(config, model_cls, config_cls)
         self.select_layer = config.select_layer
         self.select_feature = config.select_feature
-        if config.pretrained:
-            self.model = model_cls.from_pretrained(config.pretrained, use_safetensors=True)
-        else:
-            hf_config = config_cls(image_size=config.image_size, **config.params)
-            self.model = model_cls(hf_config)
+        self.num_layers_run = self.layers_to_run(self.select_layer)
         hf = self.model.config
-        n_layers = hf.num_hidden_layers
-        # hidden_states has n_layers + 1 entries (embeddings first), so valid indices are [-(n+1), n].
-        if not -(n_layers + 1) <= self.select_layer <= n_layers:
-            raise ConfigError(f"vision.select_layer: {self.select_layer} out of range for {n_layers} layers")
-        # hidden_states[0] is the embedding output, hidden_states[i] the output of layer i.
-        self.num_layers_run = self.select_layer % (n_layers + 1)
-        self.hidden_size = hf.hidden_size
         n_patches = (hf.image_size // hf.patch_size) ** 2
         keep_cls = self.has_cls and self.select_feature == "cls_patch"
         self.num_tokens = n_patches + int(keep_cls)
-
-    def architecture_params(self) -> dict:
-        """The tower's transformers config as ``params`` (``image_size`` is the VisionConfig's own field)."""
-        return architecture_fields(self.model.config.to_dict(), drop=("image_size",))
 
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The input of the first encoder layer, ``[B, (1 +) N_patch, D]``."""

@@ -10,38 +10,30 @@ Reference: transformers ``models/idefics2/modeling_idefics2.py``, ``models/idefi
 from __future__ import annotations
 
 import torch
-from torch import nn
 from transformers.models.idefics2.configuration_idefics2 import Idefics2VisionConfig
 from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionTransformer
 from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
 from transformers.models.idefics3.modeling_idefics3 import Idefics3VisionTransformer
 
-from vlmlab.config import VisionConfig, architecture_fields
+from vlmlab.config import VisionConfig
 from vlmlab.errors import ConfigError, SampleError
 from vlmlab.models.connectors.perceiver import patch_mask
+from vlmlab.models.encoders.hf_vit import TransformersTower
 
 
-class IdeficsViTTower(nn.Module):
+class IdeficsViTTower(TransformersTower):
     extra_inputs = ("pixel_attention_mask",)
     mask_rule = "all"
 
     def __init__(self, config: VisionConfig, model_cls: type, config_cls: type):
-        super().__init__()
         if config.select_layer != -1:
             raise ConfigError(
                 f"vision.select_layer: the Idefics towers return the last layer (-1), not {config.select_layer}"
             )
-        if config.pretrained:
-            self.model = model_cls.from_pretrained(config.pretrained, use_safetensors=True)
-        else:
-            self.model = model_cls(config_cls(image_size=config.image_size, **config.params))
+        super().__init__(config, model_cls, config_cls)
         hf = self.model.config
         self.patch_size = hf.patch_size
-        self.hidden_size = hf.hidden_size
         self.num_tokens = (hf.image_size // hf.patch_size) ** 2
-
-    def architecture_params(self) -> dict:
-        return architecture_fields(self.model.config.to_dict(), drop=("image_size",))
 
     def forward(
         self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None = None

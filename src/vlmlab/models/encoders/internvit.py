@@ -10,51 +10,32 @@ every key and load and export unchanged. Reference: transformers ``models/intern
 from __future__ import annotations
 
 import torch
-from torch import nn
 from transformers import InternVLVisionConfig, InternVLVisionModel
 
-from vlmlab.config import VisionConfig, architecture_fields
-from vlmlab.errors import ConfigError, SampleError
-
-SELECT_FEATURES = ("patch", "cls_patch")
+from vlmlab.config import VisionConfig
+from vlmlab.errors import SampleError
+from vlmlab.models.encoders.hf_vit import TransformersTower, check_select_feature
 
 
 def _pair(v) -> tuple[int, int]:
     return (int(v[0]), int(v[1])) if isinstance(v, (list, tuple)) else (int(v), int(v))
 
 
-class InternViTTower(nn.Module):
+class InternViTTower(TransformersTower):
     """``[B, 3, S, S] -> [B, (1 +) (S / p)^2, D_vis]`` from an ``InternVLVisionModel``."""
 
     def __init__(self, config: VisionConfig):
-        super().__init__()
-        if config.select_feature not in SELECT_FEATURES:
-            raise ConfigError(
-                f"vision.select_feature: {config.select_feature!r} is not one of {list(SELECT_FEATURES)}"
-            )
+        check_select_feature(config)
+        super().__init__(config, InternVLVisionModel, InternVLVisionConfig)
         self.select_layer = config.select_layer
         self.select_feature = config.select_feature
-        if config.pretrained:
-            self.model = InternVLVisionModel.from_pretrained(config.pretrained, use_safetensors=True)
-        else:
-            self.model = InternVLVisionModel(
-                InternVLVisionConfig(image_size=config.image_size, **config.params)
-            )
-        hf = self.model.config
-        n_layers = hf.num_hidden_layers
-        if not -(n_layers + 1) <= self.select_layer <= n_layers:
-            raise ConfigError(f"vision.select_layer: {self.select_layer} out of range for {n_layers} layers")
-        # hidden_states[0] is the embedding output, hidden_states[i] the output of layer i; only -1 is normed.
-        self.num_layers_run = self.select_layer % (n_layers + 1)
+        # Only -1 (the model's last_hidden_state) passes the final layernorm.
+        self.num_layers_run = self.layers_to_run(self.select_layer)
         self.final_norm = self.select_layer == -1
-        self.hidden_size = hf.hidden_size
+        hf = self.model.config
         (h, w), (ph, pw) = _pair(hf.image_size), _pair(hf.patch_size)
         self.image_size = (h, w)
         self.num_tokens = (h // ph) * (w // pw) + int(self.select_feature == "cls_patch")
-
-    def architecture_params(self) -> dict:
-        """The tower's transformers config as ``params`` (``image_size`` is the VisionConfig's own field)."""
-        return architecture_fields(self.model.config.to_dict(), drop=("image_size",))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[-2:]) != self.image_size:
