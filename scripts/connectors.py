@@ -21,7 +21,7 @@ from PIL import Image
 
 from vlmlab.api import build
 from vlmlab.data.dataset import load_stage_records
-from vlmlab.data.world import EXTRA_TASKS, build_world
+from vlmlab.data.world import build_world
 from vlmlab.evaluation.evaluate import evaluate
 from vlmlab.io import atomic_write_json, read_jsonl
 from vlmlab.presets import PRESETS
@@ -39,7 +39,7 @@ CANDIDATES = (
     "vila-1.5-tiny",
     "perceiver-tiny",
 )
-GROUND = "ground"
+GROUND = "ground"  # the referring-expression task (Qwen-VL boxes, scored by IoU@0.5)
 
 
 def scaled_recipe(preset, total_steps: int):
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
         seed=args.seed,
         n_per_task={"train": args.n_train, "val": 0, "test": args.n_test},
         n_captions={"train": args.n_captions, "val": 0, "test": 0},
-        extra_tasks=(GROUND,) if GROUND in EXTRA_TASKS else (),
+        extra_tasks=(GROUND,),
     )
     results = []
     for name in names:

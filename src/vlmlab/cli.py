@@ -40,10 +40,14 @@ def _part_lr(s: str) -> tuple[str, float]:
 def cmd_presets(args: argparse.Namespace) -> None:
     from vlmlab.presets import PRESETS
 
+    width = max(map(len, PRESETS))
     for name in sorted(PRESETS):
         p = PRESETS[name]()
-        stages = ", ".join(f"{s.name}({'+'.join(s.train)}, {s.steps} steps)" for s in p.recipe)
-        print(f"{name:<8} {p.description}\n         recipe: {stages}")
+        stages = ", ".join(
+            f"{s.name}({'+'.join(s.train)}, {s.steps} steps{'' if s.objective == 'lm' else ', ' + s.objective})"
+            for s in p.recipe
+        )
+        print(f"{name:<{width}}  {p.description}\n{'':<{width}}  recipe: {stages}")
 
 
 def _image_size(s: str) -> tuple[int, int]:

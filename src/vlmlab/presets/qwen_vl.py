@@ -4,7 +4,7 @@ and their CPU-scale variants that train on the embedded world.
 - ``qwen-vl``: ViT-bigG/14 at 448 (32 x 32 = 1024 patch tokens, width 1664) -> the position-aware adapter
   (``qwen_vl_adapter``: 256 learned queries, one cross-attention, fixed 2D sin-cos positions) -> a Qwen-7B-shaped
   decoder (``qwen2`` model type: same layout, biases on q/k/v). Each image is ``Picture k: <img>`` + 256 rows +
-  ``</img>``; grounding answers are ``<ref>..</ref><box>(x1,y1),(x2,y2)</box>`` in 0-1000 coordinates.
+  ``</img>``; grounding answers are ``<ref>..</ref><box>(x1,y1),(x2,y2)</box>`` in 0..999 coordinates.
   Recipe (paper; verify): S1 pretraining at 224 (256 -> 256 tokens) with the LLM frozen, the ViT and the adapter
   trained; S2 multi-task at 448 with everything trained; S3 SFT with the ViT frozen.
 - ``minicpm-v``: SigLIP-SO400M/14 at 448 (the last layer dropped, as MiniCPM-V's ``drop_vision_last_layer``) ->
@@ -291,7 +291,7 @@ def _tiny_tokenizer(special: tuple[str, ...], extra_tasks: tuple[str, ...], text
 
 def qwen_vl_tiny() -> Preset:
     """Qwen-VL at CPU scale: ConvNet at 64 px (8 x 8 tokens) -> adapter (16 queries) -> small Llama; ``<img>``
-    wrapping, ``Picture k:`` labels; the world's default tasks plus ``ground`` (boxes in 0-1000 coordinates)."""
+    wrapping, ``Picture k:`` labels; the world's default tasks plus ``ground`` (boxes in 0..999 coordinates)."""
     from vlmlab.data.world import TASKS
 
     config = _tiny_config(
