@@ -371,3 +371,25 @@ def test_random_weights_of_a_pretrained_decoder_take_its_shape(tmp_path):
     model = build_language_model(LanguageConfig("llama", pretrained=str(tmp_path)), load_pretrained=False)
     assert model.config.hidden_size == LLAMA["hidden_size"]
     assert model.config.num_hidden_layers == LLAMA["num_hidden_layers"]
+
+
+def test_extra_visual_inputs_reach_only_the_parts_that_name_them(tokenizer):
+    """An input no part takes is refused with its name; ``pixel_values`` in transformers' padded view layout
+    ``[N_img, P, 3, H, W]`` drop their all-zero padding views (and the same views of ``pixel_attention_mask``)."""
+    from vlmlab.models.vlm import drop_padding_views
+
+    model, proc = make_model(tokenizer)
+    batch = proc.collate([proc.encode(conversation(), [Image.new("RGB", (40, 30), "red")], train=True)])
+    with pytest.raises(SampleError, match="unexpected model input.*'foo'"):
+        model.embed(batch["input_ids"], batch["pixel_values"], foo=torch.ones(1))
+    views = torch.stack([batch["pixel_values"][0], torch.zeros_like(batch["pixel_values"][0])])[
+        None
+    ]  # [1, 2, ...]
+    mask = torch.stack([torch.ones(32, 32), torch.zeros(32, 32)])[None]
+    flat, extra = drop_padding_views(views, {"pixel_attention_mask": mask})
+    assert flat.shape[0] == 1 and torch.equal(flat[0], batch["pixel_values"][0])
+    assert extra["pixel_attention_mask"].shape == (1, 32, 32) and extra["pixel_attention_mask"].all()
+    # The padded layout gives the model exactly what the flat one does (the tower takes no mask: none is passed).
+    out_flat = model(**batch)
+    out_padded = model(**{**batch, "pixel_values": views, "pixel_attention_mask": mask})
+    assert torch.equal(out_flat.logits, out_padded.logits)
