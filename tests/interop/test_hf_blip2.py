@@ -207,3 +207,39 @@ def test_bad_inputs_fail_with_one_line(tmp_path):
     with pytest.raises(Exception, match="placeholder|image") as e:
         ours(**{**b, "pixel_values": b["pixel_values"][:1]})
     assert "\n" not in str(e.value)
+
+
+def test_image_tokens_and_pixels_equal_blip2_processor(tmp_path):
+    """On random image sizes, transformers' ``Blip2Processor`` puts ``num_query_tokens`` image tokens per image
+    and vlmlab's processor (the imported checkpoint's settings) counts the same, and both make the same pixels."""
+    import random
+
+    from PIL import Image
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Blip2Processor, BlipImageProcessor, PreTrainedTokenizerFast
+
+    from vlmlab.processing.processor import image_token_counts
+    from vlmlab.processing.transforms import images_to_tensor
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(["a photo of a cat"] * 5, trainers.BpeTrainer(special_tokens=["<pad>"]))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>"
+    )  # Blip2Processor adds <image>
+    images = BlipImageProcessor(size={"height": 32, "width": 32})
+    ref = Blip2Processor(image_processor=images, tokenizer=tokenizer, num_query_tokens=N_QUERY)
+    _, path = hf_model(tmp_path)
+    images.save_pretrained(path)
+    model = vlmlab.from_pretrained(path)
+    cfg = model.config.processor
+    rng = random.Random(0)
+    for _ in range(10):
+        im = Image.new("RGB", (rng.randint(5, 300), rng.randint(5, 300)))
+        im.putdata([tuple(rng.randrange(256) for _ in range(3)) for _ in range(im.width * im.height)])
+        out = ref(images=im, text="a photo", return_tensors="pt")
+        n_ref = int((out["input_ids"] == tokenizer.convert_tokens_to_ids("<image>")).sum())
+        assert (
+            image_token_counts(cfg, model.num_image_tokens, [(im.height, im.width)]) == [n_ref] == [N_QUERY]
+        )
+        assert torch.allclose(images_to_tensor([im], cfg), out["pixel_values"], atol=1e-5)
