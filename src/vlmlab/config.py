@@ -139,6 +139,22 @@ class ProcessorConfig:
 
 
 @dataclass
+class FusionConfig:
+    """Deep fusion inside the decoder by modality-routed linear layers (SYSTEMS.md §0, §8, §14): image rows
+    (the image placeholder positions) go through their own weights, text rows through the LLM's."""
+
+    mode: str = "expert"
+    """``expert``: CogVLM's visual expert (a copy of each projection for image rows); ``plora``: XComposer2's
+    partial LoRA (a low-rank delta on image rows, B at zero)."""
+    targets: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    """The decoder's Linear layers (by attribute name) that are routed."""
+    rank: int = 256
+    alpha: float = 256.0
+
+
+@dataclass
 class ModelConfig:
     vision: VisionConfig
     language: LanguageConfig
@@ -150,6 +166,8 @@ class ModelConfig:
     """Token id of the video placeholder (models with ``processor.video``)."""
     preset: str | None = None
     """The preset this config came from (informational)."""
+    fusion: FusionConfig | None = None
+    """Modality-routed layers inside the decoder (CogVLM, XComposer2); ``None``: the decoder is the LLM as it is."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -210,4 +228,5 @@ _DATACLASS_FIELDS = {
 _OPTIONAL_DATACLASS_FIELDS = {
     (ProcessorConfig, "anyres"): AnyResConfig,
     (ProcessorConfig, "video"): VideoConfig,
+    (ModelConfig, "fusion"): FusionConfig,
 }

@@ -33,6 +33,7 @@ def summarize(preset_name: str, image_sizes: list[tuple[int, int]]) -> dict[str,
         "vision": config.vision.name,
         "connector": config.connector.name,
         "newline": "image_newline",
+        "fusion": f"routed ({config.fusion.mode})" if config.fusion else "",
         "language": model.config.language.model_type,
     }
     parts = {

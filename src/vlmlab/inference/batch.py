@@ -40,6 +40,9 @@ class DecodeBatch:
     generated tokens (the model's context)."""
 
     def __init__(self, model, context: int):
+        if getattr(model, "fusion_params", None):
+            # Rows of different requests would need their own image-row masks inside one decoder call.
+            raise ConfigError("continuous batching does not serve deep-fusion models (config.fusion) yet")
         self.model = model
         self.language = model.language
         self.context = context

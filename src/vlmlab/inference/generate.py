@@ -15,6 +15,7 @@ Llama-family decoders (Llama, Qwen2, Mistral) then decode each new token with vl
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -103,7 +104,15 @@ def last_logits(language, hidden: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate(
+def generate(model, input_ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """New token ids ``[B, T_new]`` (see ``_generate``). A model with deep fusion (``image_routing``) routes the
+    prompt's image rows to its image weights throughout; the generated tokens are text rows."""
+    routing = getattr(model, "image_routing", None)
+    with routing(input_ids) if routing is not None else contextlib.nullcontext():
+        return _generate(model, input_ids, *args, **kwargs)
+
+
+def _generate(
     model,
     input_ids: torch.Tensor,  # [B, T], left-padded
     attention_mask: torch.Tensor | None = None,

@@ -7,6 +7,7 @@ so text-only input gives exactly the bare LM's logits.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -29,8 +30,10 @@ from vlmlab.models.merge import merge_image_features
 from vlmlab.models.tiling import anyres
 
 # The parts a training stage can freeze or train, by name (see training/stages.py). ``newline`` is LLaVA-NeXT's
-# learned ``image_newline`` (absent in models without it): its stage 1 trains the projector alone.
-PARTS = ("vision", "connector", "newline", "language")
+# learned ``image_newline`` (absent in models without it): its stage 1 trains the projector alone. ``fusion`` is
+# the image-row weights inside the decoder (``config.fusion``: CogVLM's visual expert, XComposer2's partial LoRA),
+# apart from ``language``, the LLM's own weights, so that a stage can train them with the LLM frozen.
+PARTS = ("vision", "connector", "newline", "fusion", "language")
 CONFIG_FILE = "config.json"
 IGNORE_INDEX = -100
 WEIGHTS_FILE = "model.safetensors"
@@ -48,6 +51,17 @@ class VisionLanguageModel(nn.Module):
         self.vision = ENCODERS[config.vision.name](vision_config)
         self.language = build_language_model(config.language, load_pretrained)
         # Record full architectures so the checkpoint rebuilds without the pretrained sources.
+        self.fusion_params: list[nn.Parameter] = []
+        if config.fusion is not None:
+            from vlmlab.models.fusion import ROUTING_MODES, apply_routing
+
+            f = config.fusion
+            if f.mode not in ROUTING_MODES:
+                raise ConfigError(f"fusion.mode: {f.mode!r} is not one of {list(ROUTING_MODES)}")
+            # On the decoder (not the causal LM): every path (training, generate, the fast step's fallback) runs it.
+            self.fusion_params = apply_routing(
+                self.language.get_decoder(), f.mode, tuple(f.targets), rank=f.rank, alpha=f.alpha
+            )
         if hasattr(self.vision, "architecture_params"):
             config.vision.params = self.vision.architecture_params()
         config.language.params = architecture_params(self.language)
@@ -79,7 +93,23 @@ class VisionLanguageModel(nn.Module):
         """The parameters of one trainable part (``PARTS``)."""
         if part == "newline":
             return [] if self.image_newline is None else [self.image_newline]
-        return list(getattr(self, part).parameters())
+        if part == "fusion":
+            return list(self.fusion_params)
+        params = list(getattr(self, part).parameters())
+        if part == "language" and self.fusion_params:
+            fusion = {id(p) for p in self.fusion_params}
+            params = [p for p in params if id(p) not in fusion]
+        return params
+
+    def image_routing(self, input_ids: torch.Tensor):
+        """The context in which the decoder routes the image placeholder rows of ``input_ids`` to its image
+        weights (``config.fusion``); positions after ``input_ids`` (generated tokens) are text rows. A no-op
+        without fusion."""
+        if not self.fusion_params:
+            return contextlib.nullcontext()
+        from vlmlab.models.fusion import routing
+
+        return routing(self.language.get_decoder(), input_ids == self.config.image_token_id)
 
     # -- forward -------------------------------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor, **extra: torch.Tensor | None) -> torch.Tensor:
@@ -223,22 +253,23 @@ class VisionLanguageModel(nn.Module):
         inputs_embeds = self.embed(
             input_ids, pixel_values, image_sizes, pixel_values_videos, batch_num_images, **extra
         )
-        if (
-            labels is not None
-            and supervised_logits_only
-            and past_key_values is None
-            and plain_head(self.language)
-        ):
-            return self._supervised_loss(inputs_embeds, attention_mask, position_ids, labels)
-        # Contract: labels are unshifted and -100 at image/prompt/pad positions; the decoder's loss shifts them.
-        return self.language(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            labels=labels,
-            use_cache=use_cache,
-            **cache_kwargs(self.language, past_key_values),
-        )
+        with self.image_routing(input_ids):
+            if (
+                labels is not None
+                and supervised_logits_only
+                and past_key_values is None
+                and plain_head(self.language)
+            ):
+                return self._supervised_loss(inputs_embeds, attention_mask, position_ids, labels)
+            # Contract: labels are unshifted and -100 at image/prompt/pad positions; the decoder's loss shifts them.
+            return self.language(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                labels=labels,
+                use_cache=use_cache,
+                **cache_kwargs(self.language, past_key_values),
+            )
 
     def _supervised_loss(self, inputs_embeds, attention_mask, position_ids, labels) -> CausalLMOutputWithPast:
         hidden = self.language.get_decoder()(
