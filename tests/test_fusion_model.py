@@ -145,3 +145,34 @@ def test_inspect_counts_the_fusion_part(monkeypatch):
     assert s["parts"]["fusion"]["params"] == 4 * (4 * 128 * 128 + 3 * 128 * 384)
     assert s["parts"]["fusion"]["name"] == "routed (expert)"
     assert s["total_params"] == summarize("tiny", [])["total_params"] + s["parts"]["fusion"]["params"]
+
+
+def test_shared_image_positions_follow_cogvlm():
+    """Every token of one image takes its first token's position; text continues from there; padding skipped."""
+    from vlmlab.models.vlm import shared_image_positions
+
+    I = 9  # noqa: E741  (the image token)
+    ids = torch.tensor([[0, 0, 5, I, I, I, 6, 7, I, I, 8], [5, 6, I, I, I, I, 7, 8, I, 3, 4]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1], [1] * 11])
+    got = shared_image_positions(ids, mask, I)
+    assert got[0].tolist() == [0, 0, 0, 1, 1, 1, 2, 3, 4, 4, 5]
+    assert got[1].tolist() == [0, 1, 2, 2, 2, 2, 3, 4, 5, 6, 7]  # two images, the second of one token
+
+
+@pytest.mark.parametrize("mode", [None, "expert"])
+def test_shared_positions_generate_cached_equals_uncached(tokenizer, mode):
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(config(tokenizer, mode), image_positions="shared")
+    model = VisionLanguageModel(cfg).eval()
+    proc = Processor(tokenizer, cfg.processor, model.num_image_tokens)
+    b = batch(proc)
+    assert torch.equal(
+        model.generate(**b, max_new_tokens=6), model.generate(**b, max_new_tokens=6, use_cache=False)
+    )
+    sequential = VisionLanguageModel(dataclasses.replace(cfg, image_positions="sequential")).eval()
+    sequential.load_state_dict(model.state_dict())
+    assert not torch.allclose(model(**b).logits, sequential(**b).logits, atol=1e-5)  # the positions matter
+    text = batch(proc, with_image=False)
+    assert torch.equal(model(**text).logits, sequential(**text).logits)  # and only where images are
+    with pytest.raises(ConfigError, match="image_positions"):
+        VisionLanguageModel(dataclasses.replace(cfg, image_positions="nope"))

@@ -166,6 +166,9 @@ class ModelConfig:
     """Token id of the video placeholder (models with ``processor.video``)."""
     preset: str | None = None
     """The preset this config came from (informational)."""
+    image_positions: str = "sequential"
+    """RoPE positions of image tokens: ``sequential`` (one each, LLaVA) or ``shared`` (CogVLM: every token of one
+    image takes the position of its first, and the text after it continues from there)."""
     fusion: FusionConfig | None = None
     """Modality-routed layers inside the decoder (CogVLM, XComposer2); ``None``: the decoder is the LLM as it is."""
 

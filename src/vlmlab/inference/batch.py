@@ -43,6 +43,10 @@ class DecodeBatch:
         if getattr(model, "fusion_params", None):
             # Rows of different requests would need their own image-row masks inside one decoder call.
             raise ConfigError("continuous batching does not serve deep-fusion models (config.fusion) yet")
+        if getattr(model.config, "image_positions", "sequential") != "sequential":
+            raise ConfigError(
+                "continuous batching serves sequential image positions only (config.image_positions)"
+            )
         self.model = model
         self.language = model.language
         self.context = context

@@ -144,12 +144,17 @@ def _generate(
     embeds = model.embed(input_ids, pixel_values, **visual_inputs)  # [B, T, D]
     # The mask of the whole generation, written once; step i sees its first T + i columns.
     mask = torch.cat([attention_mask, attention_mask.new_ones(B, max_new_tokens)], dim=1)
-    n_real = attention_mask.sum(-1, keepdim=True)  # [B, 1]: the next token's position (RoPE skips padding)
+    # RoPE positions of the prompt (padding skipped; image tokens per the model's rule), then one per new token.
+    positions_of = getattr(model, "positions", None)
+    prompt_positions = (
+        positions_of(input_ids, attention_mask) if positions_of else positions_from_mask(attention_mask)
+    )
+    n_real = prompt_positions.max(-1, keepdim=True).values + 1  # [B, 1]: the next token's position
     cache = kv_cache(model.language, T + max_new_tokens) if use_cache else None
     decode = _decoder_step(model.language, cache)
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     new_tokens: list[torch.Tensor] = []
-    step_embeds, positions = embeds, positions_from_mask(attention_mask)
+    step_embeds, positions = embeds, prompt_positions
     for i in range(max_new_tokens):
         logits = decode(step_embeds, mask[:, : T + i], positions)  # [B, V]
         nxt = sample_next(logits, do_sample, temperature, top_p, generator)
@@ -167,7 +172,8 @@ def _generate(
             step_embeds, positions = tok_embeds, n_real + i
         else:
             embeds = torch.cat([embeds, tok_embeds], dim=1)
-            step_embeds, positions = embeds, positions_from_mask(mask[:, : T + i + 1])
+            new_positions = n_real + torch.arange(i + 1, device=n_real.device)  # [B, i + 1]
+            step_embeds, positions = embeds, torch.cat([prompt_positions, new_positions], dim=1)
     return torch.stack(new_tokens, 1) if new_tokens else input_ids.new_zeros(B, 0)
 
 

@@ -36,6 +36,7 @@ from vlmlab.models.tiling import anyres
 PARTS = ("vision", "connector", "newline", "fusion", "language")
 CONFIG_FILE = "config.json"
 IGNORE_INDEX = -100
+IMAGE_POSITIONS = ("sequential", "shared")
 WEIGHTS_FILE = "model.safetensors"
 
 
@@ -51,6 +52,10 @@ class VisionLanguageModel(nn.Module):
         self.vision = ENCODERS[config.vision.name](vision_config)
         self.language = build_language_model(config.language, load_pretrained)
         # Record full architectures so the checkpoint rebuilds without the pretrained sources.
+        if config.image_positions not in IMAGE_POSITIONS:
+            raise ConfigError(
+                f"image_positions: {config.image_positions!r} is not one of {list(IMAGE_POSITIONS)}"
+            )
         self.fusion_params: list[nn.Parameter] = []
         if config.fusion is not None:
             from vlmlab.models.fusion import ROUTING_MODES, apply_routing
@@ -100,6 +105,13 @@ class VisionLanguageModel(nn.Module):
             fusion = {id(p) for p in self.fusion_params}
             params = [p for p in params if id(p) not in fusion]
         return params
+
+    def positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """RoPE positions of a (left- or right-padded) batch: padding skipped, image tokens per
+        ``config.image_positions``."""
+        if self.config.image_positions == "shared":
+            return shared_image_positions(input_ids, attention_mask, self.config.image_token_id)
+        return positions_from_mask(attention_mask)
 
     def image_routing(self, input_ids: torch.Tensor):
         """The context in which the decoder routes the image placeholder rows of ``input_ids`` to its image
@@ -248,7 +260,7 @@ class VisionLanguageModel(nn.Module):
         supervised and returns those rows as ``.logits`` ``[N_sup, V]``: the same loss without the ``[B, T, V]``
         logits of every prompt, image and pad position."""
         if position_ids is None and attention_mask is not None and past_key_values is None:
-            position_ids = positions_from_mask(attention_mask)
+            position_ids = self.positions(input_ids, attention_mask)
         extra = {k: v for k, v in extra.items() if k in EXTRA_VISUAL_INPUTS}
         inputs_embeds = self.embed(
             input_ids, pixel_values, image_sizes, pixel_values_videos, batch_num_images, **extra
@@ -397,3 +409,15 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """RoPE positions that skip left padding: 0 at each sample's first real token."""
     pos = attention_mask.long().cumsum(-1) - 1
     return pos.clamp(min=0)
+
+
+def shared_image_positions(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int
+) -> torch.Tensor:
+    """CogVLM's position ids (SYSTEMS.md §8): a token takes the next position unless it continues a run of image
+    tokens, so every token of one image shares the position of its first and the text after it continues from
+    there; padding is skipped as in ``positions_from_mask``."""
+    image = input_ids == image_token_id
+    continues = image & torch.nn.functional.pad(image[:, :-1], (1, 0), value=False)
+    advance = attention_mask.bool() & ~continues
+    return (advance.long().cumsum(-1) - 1).clamp(min=0)
