@@ -28,8 +28,7 @@ from vlmlab.config import (
     ProcessorConfig,
     VisionConfig,
 )
-from vlmlab.errors import ConfigError
-from vlmlab.presets.base import Preset
+from vlmlab.presets.base import Preset, pretrained_tokenizer
 from vlmlab.training.stages import Stage
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -88,26 +87,6 @@ LLAMA3_8B = {
 }
 
 
-def _pretrained_tokenizer(config: ModelConfig, specials: tuple[str, ...]):
-    """The decoder's own tokenizer (and chat template) with ``specials`` added as special tokens."""
-
-    def make():
-        from transformers import AutoTokenizer
-
-        from vlmlab.models.language import resolve_pretrained
-
-        if not config.language.pretrained:
-            raise ConfigError(
-                f"preset {config.preset!r}: set language.pretrained to a local decoder directory "
-                "(its tokenizer and weights); no hub downloads here"
-            )
-        tok = AutoTokenizer.from_pretrained(resolve_pretrained(config.language.pretrained))
-        tok.add_special_tokens({"additional_special_tokens": list(specials)})
-        return tok
-
-    return make
-
-
 def internvl_1_5() -> Preset:
     """InternVL-Chat-V1-5 (26B): InternViT-6B-448px-V1.5 + pixel shuffle + MLP + InternLM2-20B, up to 12 tiles."""
     config = ModelConfig(
@@ -159,7 +138,7 @@ def internvl_1_5() -> Preset:
     return Preset(
         "internvl-1.5",
         config,
-        _pretrained_tokenizer(config, (IMG_START, IMG_END, IMG_CONTEXT)),
+        pretrained_tokenizer(config, (IMG_START, IMG_END, IMG_CONTEXT)),
         recipe,
         description="InternVL 1.5 (InternViT-6B + pixel shuffle + MLP + InternLM2-20B, dynamic tiles)",
     )
@@ -229,7 +208,7 @@ def vila_1_5() -> Preset:
     return Preset(
         "vila-1.5",
         config,
-        _pretrained_tokenizer(config, ("<image>",)),
+        pretrained_tokenizer(config, ("<image>",)),
         recipe,
         description="VILA-1.5 (SigLIP-SO400M + mlp_downsample + Llama-3-8B)",
     )

@@ -18,9 +18,8 @@ from vlmlab.config import (
     ProcessorConfig,
     VisionConfig,
 )
-from vlmlab.errors import ConfigError
-from vlmlab.presets.base import Preset
-from vlmlab.processing.templates import CHAT_TEMPLATES, LLAVA_V1_SYSTEM
+from vlmlab.presets.base import Preset, pretrained_tokenizer
+from vlmlab.processing.templates import LLAVA_V1_SYSTEM
 from vlmlab.training.stages import Stage
 
 IMAGE_TOKEN = "<image>"
@@ -54,24 +53,7 @@ VICUNA_7B = {
 def _pretrained_tokenizer(config: ModelConfig, video: bool = False, template: str | None = "llava-v1"):
     """The decoder's own tokenizer with the image (and video) placeholder added, rendering with ``template``
     (``None``: the tokenizer's own chat template, e.g. Qwen's ChatML)."""
-
-    def make():
-        from transformers import AutoTokenizer
-
-        from vlmlab.models.language import resolve_pretrained
-
-        if not config.language.pretrained:
-            raise ConfigError(
-                f"preset {config.preset!r}: set language.pretrained to a local decoder directory "
-                "(its tokenizer and weights); no hub downloads here"
-            )
-        tok = AutoTokenizer.from_pretrained(resolve_pretrained(config.language.pretrained))
-        tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN, *(["<video>"] if video else [])]})
-        if template is not None:
-            tok.chat_template = CHAT_TEMPLATES[template]
-        return tok
-
-    return make
+    return pretrained_tokenizer(config, (IMAGE_TOKEN, *(("<video>",) if video else ())), template=template)
 
 
 def _real_scale(name: str, image_size: int, connector: str, pad_to_square: bool) -> ModelConfig:

@@ -34,8 +34,7 @@ from vlmlab.config import (
     ProcessorConfig,
     VisionConfig,
 )
-from vlmlab.errors import ConfigError
-from vlmlab.presets.base import Preset
+from vlmlab.presets.base import Preset, pretrained_tokenizer
 from vlmlab.training.stages import Stage
 
 IMAGE_TOKEN = "<image>"
@@ -92,27 +91,9 @@ EVERYTHING = ("vision", "connector", "language")
 
 
 def _pretrained_tokenizer(config: ModelConfig, special: tuple[str, ...], plain: tuple[str, ...] = ()):
-    """The decoder's own tokenizer (and chat template) with the placeholder and markers added as special
-    tokens, and ``plain`` tokens (the grounding tags, which answers contain and decoding must keep) as ordinary
-    added tokens."""
-
-    def make():
-        from transformers import AutoTokenizer
-
-        from vlmlab.models.language import resolve_pretrained
-
-        if not config.language.pretrained:
-            raise ConfigError(
-                f"preset {config.preset!r}: set language.pretrained to a local decoder directory "
-                "(its tokenizer and weights); no hub downloads here"
-            )
-        tok = AutoTokenizer.from_pretrained(resolve_pretrained(config.language.pretrained))
-        tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN, *special]})
-        if plain:
-            tok.add_tokens(list(plain))
-        return tok
-
-    return make
+    """The decoder's own tokenizer (and chat template) with the placeholder and ``special`` markers added as
+    special tokens, and ``plain`` ones (the grounding tags) as ordinary added tokens."""
+    return pretrained_tokenizer(config, (IMAGE_TOKEN, *special), plain)
 
 
 # -- Qwen-VL ---------------------------------------------------------------------------------------------------
