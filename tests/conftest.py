@@ -73,3 +73,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def image_question_batch(proc):
+    """A one-sample training batch: an image, a question and a one-word answer (supervised)."""
+    from PIL import Image
+
+    conversation = [{"role": "user", "content": "<image>\nWhat?"}, {"role": "assistant", "content": "red"}]
+    return proc.collate([proc.encode(conversation, [Image.new("RGB", (40, 30), "red")], train=True)])
+
+
+def train_step_with_frozen_llm(model, proc) -> None:
+    """Train the connector and the fusion part one backward pass with the LLM frozen (the deep-fusion papers'
+    stage 1) and check that no gradient reaches the LLM."""
+    from vlmlab.training.stages import Stage, apply_stage
+
+    stage = Stage(name="s", train=("connector", "fusion"), lr={"connector": 1e-3, "fusion": 1e-3}, steps=1)
+    apply_stage(model, stage)
+    model.train()
+    model(**image_question_batch(proc), supervised_logits_only=True).loss.backward()
+    assert all(p.grad is None for p in model.part_parameters("language"))

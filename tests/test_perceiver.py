@@ -5,7 +5,8 @@ import torch
 
 from vlmlab.errors import ConfigError, SampleError
 from vlmlab.models.connectors import CONNECTORS
-from vlmlab.models.connectors.perceiver import PerceiverResampler, RMSNorm
+from vlmlab.models.connectors.perceiver import PerceiverResampler
+from vlmlab.models.layers import RMSNorm
 
 D = 16
 
@@ -33,7 +34,7 @@ def test_flamingo_defaults_and_parts():
     p = PerceiverResampler(D)
     assert len(p.layers) == 6 and p.latents.shape == (64, D)
     attn = p.layers[0].self_attn
-    assert (attn.heads, attn.dim_head, attn.q_proj.out_features) == (8, 64, 512)
+    assert (attn.heads, attn.head_dim, attn.q_proj.out_features) == (8, 64, 512)
     assert p.layers[0].mlp.fc1.out_features == 4 * D  # FF x4
     assert isinstance(p.norm, torch.nn.LayerNorm) and isinstance(
         p.layers[0].input_context_norm, torch.nn.LayerNorm
@@ -63,10 +64,10 @@ def test_latents_attend_to_concat_of_media_and_latents():
 def _attend_kv(attn, q_in, media, latents_kv):
     b, n, _ = q_in.shape
     kv = torch.cat([media, latents_kv], 1)
-    q = attn.q_proj(q_in).view(b, n, attn.heads, attn.dim_head).transpose(1, 2)
-    k = attn.k_proj(kv).view(b, kv.shape[1], attn.kv_heads, attn.dim_head).transpose(1, 2)
-    v = attn.v_proj(kv).view(b, kv.shape[1], attn.kv_heads, attn.dim_head).transpose(1, 2)
-    w = (q @ k.transpose(-1, -2) * attn.dim_head**-0.5).softmax(-1)
+    q = attn.q_proj(q_in).view(b, n, attn.heads, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(kv).view(b, kv.shape[1], attn.kv_heads, attn.head_dim).transpose(1, 2)
+    v = attn.v_proj(kv).view(b, kv.shape[1], attn.kv_heads, attn.head_dim).transpose(1, 2)
+    w = (q @ k.transpose(-1, -2) * attn.head_dim**-0.5).softmax(-1)
     return (w @ v).transpose(1, 2).reshape(b, n, -1)
 
 

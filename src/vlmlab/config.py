@@ -134,24 +134,75 @@ class ProcessorConfig:
     Q-Former's tokenizer, as ``qformer_input_ids`` / ``qformer_attention_mask`` (one row per image)."""
     qformer_max_length: int = 128
     """Longest instruction the Q-Former reads (longer ones are cut)."""
+    cross_image_size: int | None = None
+    """CogAgent: each image is also given, squashed to this side, as ``cross_pixel_values`` for the high-resolution
+    tower of ``fusion.cross`` (None: not produced)."""
     image_label: str | None = None
     """Text written before the k-th image of a conversation (Qwen-VL's ``"Picture {k}: "``, k from 1)."""
 
 
 @dataclass
-class FusionConfig:
-    """Deep fusion inside the decoder by modality-routed linear layers (SYSTEMS.md §0, §8, §14): image rows
-    (the image placeholder positions) go through their own weights, text rows through the LLM's."""
+class CrossAttentionConfig:
+    """Cross-attention from the decoder to visual features, hooked into the pretrained decoder (SYSTEMS.md §9, §21;
+    ``models/fusion/cross.py``)."""
 
-    mode: str = "expert"
+    kind: str = "gated"
+    """``gated``: Flamingo/Idefics/Mllama tanh-gated blocks (gates 0 at init) in front of some layers, attending to
+    the connector's output; each ``<image>`` is one text token and a token sees the most recent image.
+    ``parallel``: CogAgent's ungated cross-attention after the self-attention of layers, to a second (high-resolution)
+    tower's features, seen by every token."""
+    every: int = 4
+    """One block every ``every`` layers (``placement`` says which); ignored when ``layers`` is set."""
+    placement: str = "idefics"
+    """``idefics`` (``i % every == 0``), ``openflamingo`` (``(i + 1) % every == 0``) or ``every`` (all layers)."""
+    layers: list[int] | None = None
+    """Explicit decoder layer indices (a block in front of / inside each)."""
+    heads: int | None = None
+    """Attention heads (None: the LLM's)."""
+    head_dim: int | None = None
+    """Per-head width (None: the LLM's hidden size / heads). CogAgent: 32 heads of 32 = a 1024-wide inner space."""
+    kv_heads: int | None = None
+    norm: str = "rmsnorm"
+    """``rmsnorm`` (Idefics, Mllama, CogAgent on Llama) or ``layernorm`` (OpenFlamingo)."""
+    ff: str | None = "swiglu"
+    """The gated block's FF: ``swiglu`` (Idefics, Mllama), ``gelu`` (OpenFlamingo, x4) or None."""
+    ff_hidden: int | None = None
+    """FF width (None: the LLM's ``intermediate_size`` for swiglu, 4x hidden for gelu)."""
+    qk_norm: bool = False
+    """RMSNorm on each query and key head (Mllama)."""
+    gate: str = "scalar"
+    """Gate shape: ``scalar`` ([1]) or ``vector`` ([D], Idefics' ``alpha_type="vector"``)."""
+    empty_rows: str = "zero_attn"
+    """Tokens that see no image: attention output zeroed (``zero_attn``), or Mllama's rule (``zero_ff``)."""
+    media_dim: int | None = None
+    """Width of the features the blocks read (``gated``: the connector's output, None = the LLM's hidden size;
+    ``parallel``: the cross tower's width, filled in)."""
+    group_consecutive: bool = False
+    """Mllama: adjacent ``<image>`` tokens form one group seen together."""
+    reset_token_id: int = -1
+    """Idefics' end of document: tokens after it see no image until the next one (-1: none)."""
+    vision: VisionConfig | None = None
+    """``parallel``: the second tower (CogAgent's high-resolution encoder), fed ``cross_pixel_values`` at
+    ``processor.cross_image_size``."""
+
+
+@dataclass
+class FusionConfig:
+    """Deep fusion inside the decoder (SYSTEMS.md §0, §8, §9, §14, §21): modality-routed linear layers, where image
+    rows (the image placeholder positions) go through their own weights and text rows through the LLM's, and/or
+    cross-attention to visual features."""
+
+    mode: str | None = "expert"
     """``expert``: CogVLM's visual expert (a copy of each projection for image rows); ``plora``: XComposer2's
-    partial LoRA (a low-rank delta on image rows, B at zero)."""
+    partial LoRA (a low-rank delta on image rows, B at zero); None: no routed layers."""
     targets: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
     """The decoder's Linear layers (by attribute name) that are routed."""
     rank: int = 256
     alpha: float = 256.0
+    cross: CrossAttentionConfig | None = None
+    """Cross-attention blocks (Flamingo's gated ones, CogAgent's high-resolution branch)."""
 
 
 @dataclass
@@ -170,7 +221,8 @@ class ModelConfig:
     """RoPE positions of image tokens: ``sequential`` (one each, LLaVA) or ``shared`` (CogVLM: every token of one
     image takes the position of its first, and the text after it continues from there)."""
     fusion: FusionConfig | None = None
-    """Modality-routed layers inside the decoder (CogVLM, XComposer2); ``None``: the decoder is the LLM as it is."""
+    """Deep fusion inside the decoder: routed layers (CogVLM, XComposer2) and/or cross-attention (Flamingo,
+    CogAgent); ``None``: the decoder is the LLM as it is."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -232,4 +284,6 @@ _OPTIONAL_DATACLASS_FIELDS = {
     (ProcessorConfig, "anyres"): AnyResConfig,
     (ProcessorConfig, "video"): VideoConfig,
     (ModelConfig, "fusion"): FusionConfig,
+    (FusionConfig, "cross"): CrossAttentionConfig,
+    (CrossAttentionConfig, "vision"): VisionConfig,
 }

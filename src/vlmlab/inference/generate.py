@@ -15,7 +15,6 @@ Llama-family decoders (Llama, Qwen2, Mistral) then decode each new token with vl
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -105,11 +104,31 @@ def last_logits(language, hidden: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """New token ids ``[B, T_new]`` (see ``_generate``). A model with deep fusion (``image_routing``) routes the
-    prompt's image rows to its image weights throughout; the generated tokens are text rows."""
-    routing = getattr(model, "image_routing", None)
-    with routing(input_ids) if routing is not None else contextlib.nullcontext():
+    """New token ids ``[B, T_new]`` (see ``_generate``). A model with deep fusion (``fused``) runs in its context
+    throughout: the prompt's image rows routed to its image weights, the cross-attention blocks reading the
+    prompt's visual features (keys and values computed once); the generated tokens are text rows."""
+    fused = getattr(model, "fused", None)
+    if fused is None:
         return _generate(model, input_ids, *args, **kwargs)
+    visual = {k: v for k, v in kwargs.items() if k not in GENERATE_OPTIONS}
+    pixels = args[1] if len(args) > 1 else kwargs.get("pixel_values")
+    visual.pop("pixel_values", None)
+    visual.pop("attention_mask", None)
+    with fused(input_ids, pixels, **visual):
+        return _generate(model, input_ids, *args, **kwargs)
+
+
+GENERATE_OPTIONS = (
+    "max_new_tokens",
+    "do_sample",
+    "temperature",
+    "top_p",
+    "eos_token_id",
+    "pad_token_id",
+    "stop",
+    "use_cache",
+    "generator",
+)
 
 
 def _generate(

@@ -57,27 +57,32 @@ class VisionLanguageModel(nn.Module):
                 f"image_positions: {config.image_positions!r} is not one of {list(IMAGE_POSITIONS)}"
             )
         self.fusion_params: list[nn.Parameter] = []
+        self.cross_attn: nn.ModuleDict | None = None
+        self.cross_vision: nn.Module | None = None
         if config.fusion is not None:
-            from vlmlab.models.fusion import ROUTING_MODES, apply_routing
-
-            f = config.fusion
-            if f.mode not in ROUTING_MODES:
-                raise ConfigError(f"fusion.mode: {f.mode!r} is not one of {list(ROUTING_MODES)}")
-            # On the decoder (not the causal LM): every path (training, generate, the fast step's fallback) runs it.
-            self.fusion_params = apply_routing(
-                self.language.get_decoder(), f.mode, tuple(f.targets), rank=f.rank, alpha=f.alpha
-            )
+            self._build_fusion(config.fusion, load_pretrained)
         if hasattr(self.vision, "architecture_params"):
             config.vision.params = self.vision.architecture_params()
         config.language.params = architecture_params(self.language)
         config.language.model_type = self.language.config.model_type
         d_lm = self.language.config.hidden_size
+        cross = config.fusion.cross if config.fusion is not None else None
+        self.gated = cross is not None and cross.kind == "gated"
+        """Flamingo-style: images reach the decoder only through gated cross-attention, not as tokens."""
         self.connector = CONNECTORS[config.connector.name](
-            self.vision.hidden_size, d_lm, **config.connector.params
+            self.vision.hidden_size,
+            (cross.media_dim or d_lm) if self.gated else d_lm,
+            **config.connector.params,
         )
         self.config = config
-        self.num_image_tokens = self.connector.num_tokens(self.vision.num_tokens)
-        """Tokens of one view (one image, tile or frame)."""
+        self.num_media_tokens = self.connector.num_tokens(self.vision.num_tokens)
+        """Feature rows of one view (one image, tile or frame)."""
+        self.num_image_tokens = 1 if self.gated else self.num_media_tokens
+        """Placeholder tokens of one view in the text (a gated cross-attention model writes one ``<image>``)."""
+        if self.gated and (config.processor.anyres or config.processor.tiler or config.processor.video):
+            raise ConfigError(
+                "gated cross-attention models take one view per image (no anyres, tiler or video)"
+            )
         tiles, frames = config.processor.anyres, config.processor.video
         if tiles is not None or frames is not None:
             self.grid_side = math.isqrt(self.num_image_tokens)
@@ -93,6 +98,63 @@ class VisionLanguageModel(nn.Module):
             self.image_newline = nn.Parameter(torch.randn(d_lm) / math.sqrt(d_lm))
         else:
             self.image_newline = None
+
+    def _build_fusion(self, f, load_pretrained: bool) -> None:
+        """Routed layers (``f.mode``) and/or cross-attention blocks (``f.cross``), hooked into the decoder."""
+        from vlmlab.models.fusion import ROUTING_MODES, apply_routing
+        from vlmlab.models.fusion.cross import (
+            BlockSettings,
+            CrossAttentionBlock,
+            apply_cross_attention,
+            cross_layers,
+        )
+
+        decoder = self.language.get_decoder()
+        if f.mode is None and f.cross is None:
+            raise ConfigError("fusion: neither mode (routed layers) nor cross (cross-attention) is set")
+        if f.mode is not None:
+            if f.mode not in ROUTING_MODES:
+                raise ConfigError(f"fusion.mode: {f.mode!r} is not one of {list(ROUTING_MODES)}")
+            # On the decoder (not the causal LM): every path (training, generate, the fast step's fallback) runs it.
+            self.fusion_params = apply_routing(decoder, f.mode, tuple(f.targets), rank=f.rank, alpha=f.alpha)
+        c = f.cross
+        if c is None:
+            return
+        lc = self.language.config
+        if c.kind == "parallel":
+            if c.vision is None:
+                raise ConfigError(
+                    "fusion.cross.vision: parallel (CogAgent) cross-attention needs its own tower"
+                )
+            vc = c.vision if load_pretrained else dataclasses.replace(c.vision, pretrained=None)
+            self.cross_vision = ENCODERS[c.vision.name](vc)
+            if hasattr(self.cross_vision, "architecture_params"):
+                c.vision.params = self.cross_vision.architecture_params()
+            c.media_dim = self.cross_vision.hidden_size
+        heads = c.heads or lc.num_attention_heads
+        ff_hidden = c.ff_hidden or (lc.intermediate_size if c.ff == "swiglu" else 4 * lc.hidden_size)
+        settings = BlockSettings(
+            kind=c.kind,
+            heads=heads,
+            head_dim=c.head_dim or lc.hidden_size // heads,
+            kv_heads=c.kv_heads,
+            norm=c.norm,
+            ff=c.ff if c.kind == "gated" else None,
+            ff_hidden=ff_hidden,
+            qk_norm=c.qk_norm,
+            gate=c.gate,
+            empty_rows=c.empty_rows,
+            eps=getattr(lc, "rms_norm_eps", 1e-6),
+        )
+        layers = c.layers if c.layers is not None else cross_layers(len(decoder.layers), c.every, c.placement)
+        blocks = {
+            i: CrossAttentionBlock(lc.hidden_size, c.media_dim or lc.hidden_size, settings) for i in layers
+        }
+        self.cross_attn = nn.ModuleDict({str(i): b for i, b in blocks.items()})
+        apply_cross_attention(decoder, blocks)
+        self.fusion_params += list(self.cross_attn.parameters())
+        if self.cross_vision is not None:
+            self.fusion_params += list(self.cross_vision.parameters())
 
     def part_parameters(self, part: str) -> list[nn.Parameter]:
         """The parameters of one trainable part (``PARTS``)."""
@@ -113,15 +175,75 @@ class VisionLanguageModel(nn.Module):
             return shared_image_positions(input_ids, attention_mask, self.config.image_token_id)
         return positions_from_mask(attention_mask)
 
-    def image_routing(self, input_ids: torch.Tensor):
-        """The context in which the decoder routes the image placeholder rows of ``input_ids`` to its image
-        weights (``config.fusion``); positions after ``input_ids`` (generated tokens) are text rows. A no-op
-        without fusion."""
-        if not self.fusion_params:
-            return contextlib.nullcontext()
-        from vlmlab.models.fusion import routing
+    @contextlib.contextmanager
+    def fused(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, **extra):
+        """The context in which the decoder runs over ``input_ids`` with this model's deep fusion
+        (``config.fusion``): image placeholder rows routed to the image weights; the cross-attention blocks
+        reading this batch's visual features (``cross_media``). Positions after ``input_ids`` (generated tokens)
+        are text rows that see what the last prompt token sees. A no-op without fusion."""
+        with contextlib.ExitStack() as stack:
+            f = self.config.fusion
+            if f is not None and f.mode is not None:
+                from vlmlab.models.fusion import routing
 
-        return routing(self.language.get_decoder(), input_ids == self.config.image_token_id)
+                stack.enter_context(
+                    routing(self.language.get_decoder(), input_ids == self.config.image_token_id)
+                )
+            if self.cross_attn is not None:
+                from vlmlab.models.fusion.cross import media
+
+                stack.enter_context(
+                    media(self.language.get_decoder(), *self.cross_media(input_ids, pixel_values, **extra))
+                )
+            yield
+
+    def cross_media(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, **extra
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """What the cross-attention blocks read: features ``[B, U, M, D_media]`` (each sample's images in order,
+        zero-padded) and which of them each token sees, ``[B, T, U]``; ``(None, None)`` without images.
+
+        ``gated``: the connector's output of ``pixel_values``; each ``<image>`` token is one image and a token sees
+        the most recent one (``fusion.cross.media_mask``). ``parallel``: the cross tower's features of
+        ``cross_pixel_values``; each run of image placeholders is one image and every token sees all of its
+        sample's images."""
+        from vlmlab.models.fusion.cross import media_mask
+
+        c = self.config.fusion.cross
+        is_img = input_ids == self.config.image_token_id
+        if self.gated:
+            pixels, name = pixel_values, "pixel_values"
+            counts = is_img.sum(1)
+        else:
+            pixels, name = extra.get("cross_pixel_values"), "cross_pixel_values"
+            counts = (is_img & ~nn.functional.pad(is_img[:, :-1], (1, 0), value=False)).sum(1)  # runs
+        if pixels is None:
+            if self.gated and is_img.any():
+                raise SampleError(f"{int(is_img.sum())} image tokens in the input but no pixel_values")
+            return None, None
+        if self.gated:
+            if pixels.dim() == 5:
+                pixels, extra = drop_padding_views(pixels, extra)
+            feats = self.encode_images(pixels.to(self.dtype_of_vision()), **extra)  # [N_img, M, D]
+            mask = media_mask(
+                input_ids,
+                self.config.image_token_id,
+                c.group_consecutive,
+                c.reset_token_id if c.reset_token_id >= 0 else None,
+            )
+        else:
+            feats = self.cross_vision(pixels.to(next(self.cross_vision.parameters()).dtype))
+            units = torch.arange(max(int(counts.max()), 1), device=input_ids.device)
+            mask = (units < counts[:, None])[:, None, :].expand(-1, input_ids.shape[1], -1)
+        if int(counts.sum()) != feats.shape[0]:
+            raise SampleError(f"{int(counts.sum())} images in the text but {feats.shape[0]} images in {name}")
+        out = feats.new_zeros(len(counts), mask.shape[2], *feats.shape[1:])
+        for b, rows in enumerate(feats.split(counts.tolist())):
+            out[b, : len(rows)] = rows
+        return out, mask
+
+    def dtype_of_vision(self) -> torch.dtype:
+        return next(self.vision.parameters()).dtype
 
     # -- forward -------------------------------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor, **extra: torch.Tensor | None) -> torch.Tensor:
@@ -215,7 +337,10 @@ class VisionLanguageModel(nn.Module):
             raise SampleError(
                 f"unexpected model input(s) {unknown}; extra visual inputs: {EXTRA_VISUAL_INPUTS}"
             )
+        # A gated cross-attention model's <image> is a text token: its images go to the blocks (``fused``).
         image_mask = input_ids == self.config.image_token_id
+        if self.gated:
+            image_mask, pixel_values = torch.zeros_like(image_mask), None
         video_mask = input_ids == self.config.video_token_id
         # Placeholder ids may lie outside the decoder's vocabulary: look up a valid id, then overwrite.
         embeds = self.language.get_input_embeddings()(input_ids.masked_fill(image_mask | video_mask, 0))
@@ -265,7 +390,7 @@ class VisionLanguageModel(nn.Module):
         inputs_embeds = self.embed(
             input_ids, pixel_values, image_sizes, pixel_values_videos, batch_num_images, **extra
         )
-        with self.image_routing(input_ids):
+        with self.fused(input_ids, pixel_values, **extra):
             if (
                 labels is not None
                 and supervised_logits_only
@@ -358,7 +483,12 @@ class VisionLanguageModel(nn.Module):
 
 
 # Inputs beyond pixels that some parts take, by the name transformers' processors give them.
-EXTRA_VISUAL_INPUTS = ("pixel_attention_mask", "qformer_input_ids", "qformer_attention_mask")
+EXTRA_VISUAL_INPUTS = (
+    "pixel_attention_mask",
+    "qformer_input_ids",
+    "qformer_attention_mask",
+    "cross_pixel_values",
+)
 
 
 def _inputs_of(part: nn.Module, extra: dict) -> dict:

@@ -227,6 +227,11 @@ class Processor:
             ]
             out["pixel_values"] = pad_views([torch.stack(v) for v in views])
             out["image_sizes"] = torch.tensor([[im.height, im.width] for im in images])
+        if cfg.cross_image_size is not None:  # CogAgent: the high-resolution tower's view of each image
+            hr = dataclasses.replace(
+                cfg, image_size=cfg.cross_image_size, pad_to_square=False, resize="squash"
+            )
+            out["cross_pixel_values"] = images_to_tensor(list(images), hr) if images else None
         if cfg.video is not None:
             out["pixel_values_videos"] = (
                 torch.stack([torch.stack([image_to_tensor(f, cfg) for f in v]) for v in videos])
@@ -344,6 +349,9 @@ class Processor:
                 # OneVision: images per sample (samples without images left out, as transformers does).
                 counts = [len(s["image_sizes"]) for s in samples if s.get("image_sizes") is not None]
                 batch["batch_num_images"] = torch.tensor(counts) if counts else None
+        if self.config.cross_image_size is not None:
+            hr = [s["cross_pixel_values"] for s in samples if s.get("cross_pixel_values") is not None]
+            batch["cross_pixel_values"] = torch.cat(hr) if hr else None
         rows = [s["qformer_input_ids"] for s in samples if s.get("qformer_input_ids") is not None]
         if rows:  # one instruction row per image, right-padded
             tok = self.qformer_tokenizer or self.tokenizer

@@ -141,7 +141,7 @@ class Format:
                 "resampler_n_latents": per.n_latents,
                 "resampler_depth": len(per.layers),
                 "resampler_n_heads": attn.heads,
-                "resampler_head_dim": attn.dim_head,
+                "resampler_head_dim": attn.head_dim,
                 "num_key_value_heads": attn.kv_heads,
             }
         else:

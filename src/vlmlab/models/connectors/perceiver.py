@@ -20,96 +20,36 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.activations import ACT2FN
 
 from vlmlab.errors import ConfigError, SampleError
+from vlmlab.models.layers import NORMS, CrossAttention, GeluFF, SwiGLU, norm_layer
 
-NORMS = ("layernorm", "rmsnorm")
 FFS = ("gelu", "swiglu")
 
 
-class RMSNorm(nn.Module):
-    """T5/Llama RMSNorm (transformers ``Idefics2RMSNorm``): statistics in float32, weight only."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
-
-
-def _norm(kind: str, dim: int, eps: float) -> nn.Module:
-    return nn.LayerNorm(dim, eps=eps) if kind == "layernorm" else RMSNorm(dim, eps)
-
-
-class SwiGLU(nn.Module):
-    """``down(act(gate(x)) * up(x))``, no biases (transformers ``Idefics2MLP``)."""
-
-    def __init__(self, dim: int, hidden: int, out_dim: int, act: str = "silu"):
-        super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=False)
-        self.up_proj = nn.Linear(dim, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, out_dim, bias=False)
-        self.act = ACT2FN[act]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
-
-
-class GeluFF(nn.Module):
-    """Flamingo's FF after its LayerNorm: Linear(D, 4D), GELU, Linear(4D, D), no biases."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden, bias=False)
-        self.fc2 = nn.Linear(hidden, dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(nn.functional.gelu(self.fc1(x)))
-
-
-class PerceiverAttention(nn.Module):
+class PerceiverAttention(CrossAttention):
     """Latents (queries) attend to K/V = concat(media, latents); ``kv_heads`` < ``heads`` shares K/V heads (GQA)."""
 
     def __init__(self, dim: int, heads: int, dim_head: int, kv_heads: int):
-        super().__init__()
-        if heads % kv_heads:
-            raise ConfigError(f"perceiver: heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
-        self.heads, self.dim_head, self.kv_heads = heads, dim_head, kv_heads
-        self.q_proj = nn.Linear(dim, heads * dim_head, bias=False)
-        self.k_proj = nn.Linear(dim, kv_heads * dim_head, bias=False)
-        self.v_proj = nn.Linear(dim, kv_heads * dim_head, bias=False)
-        self.o_proj = nn.Linear(heads * dim_head, dim, bias=False)
+        super().__init__(dim, dim, heads, dim_head, kv_heads)
 
     def forward(self, latents: torch.Tensor, media: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """``latents`` [B, n, D], ``media`` [B, N, D], ``mask`` [B, N] (True = attend) or None -> [B, n, D]."""
         b, n, _ = latents.shape
-        kv = torch.cat([media, latents], dim=1)
-        q = self.q_proj(latents).view(b, n, self.heads, self.dim_head).transpose(1, 2)
-        k = self.k_proj(kv).view(b, kv.shape[1], self.kv_heads, self.dim_head).transpose(1, 2)
-        v = self.v_proj(kv).view(b, kv.shape[1], self.kv_heads, self.dim_head).transpose(1, 2)
-        groups = self.heads // self.kv_heads
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         attn_mask = None
         if mask is not None:  # the latents themselves are always visible
             full = torch.cat([mask.bool(), mask.new_ones(b, n, dtype=torch.bool)], dim=1)
             attn_mask = full[:, None, None, :]
-        out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.o_proj(out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head))
+        return super().forward(latents, self.kv(torch.cat([media, latents], dim=1)), attn_mask)
 
 
 class PerceiverLayer(nn.Module):
     def __init__(self, dim, heads, dim_head, kv_heads, ff, ff_mult, norm, eps, act):
         super().__init__()
-        self.input_latents_norm = _norm(norm, dim, eps)
-        self.input_context_norm = _norm(norm, dim, eps)
+        self.input_latents_norm = norm_layer(norm, dim, eps)
+        self.input_context_norm = norm_layer(norm, dim, eps)
         self.self_attn = PerceiverAttention(dim, heads, dim_head, kv_heads)
-        self.post_attention_layernorm = _norm(norm, dim, eps)
+        self.post_attention_layernorm = norm_layer(norm, dim, eps)
         self.mlp = SwiGLU(dim, dim * ff_mult, dim, act) if ff == "swiglu" else GeluFF(dim, dim * ff_mult)
 
     def forward(self, latents, media, mask):
@@ -159,7 +99,7 @@ class PerceiverResampler(nn.Module):
             PerceiverLayer(dim, heads, dim_head, kv_heads or heads, ff, ff_mult, norm, eps, act)
             for _ in range(depth)
         )
-        self.norm = _norm(norm, dim, eps)
+        self.norm = norm_layer(norm, dim, eps)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if x.dim() == 3:

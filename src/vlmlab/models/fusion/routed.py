@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmlab.errors import ConfigError, SampleError
+from vlmlab.models.fusion.hooks import forward_span, hooked_state
 
 ROUTING_MODES = ("expert", "plora")
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -134,23 +135,13 @@ class ModalityRoutedLinear(nn.Linear):
 
 
 def _state_of(decoder: nn.Module) -> RoutingState:
-    state = getattr(decoder, "_vlmlab_routing", None)
-    if state is None:
-        raise ConfigError(
-            f"{type(decoder).__name__} has no routed layers: call apply_routing(decoder, mode) first"
-        )
-    return state[0]
+    return hooked_state(decoder, "_vlmlab_routing", "apply_routing(decoder, mode)")
 
 
 def _select_rows(decoder: nn.Module, args: tuple, kwargs: dict) -> None:
-    """Forward pre-hook: slice the mask for this forward's tokens. It reads the state from the module (no closure),
-    so a ``copy.deepcopy`` of a routed decoder (EMA, a DPO reference) routes with its own copy."""
-    x = kwargs.get("input_ids", args[0] if args else None)
-    if x is None:
-        x = kwargs["inputs_embeds"]
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    offset = cache.get_seq_length() if cache is not None else 0  # tokens already in the KV cache
-    _state_of(decoder).select(int(offset), x.shape[1], x.shape[0])
+    """Forward pre-hook: slice the mask for this forward's tokens."""
+    x, offset = forward_span(args, kwargs)
+    _state_of(decoder).select(offset, x.shape[1], x.shape[0])
 
 
 def apply_routing(

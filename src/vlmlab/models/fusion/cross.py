@@ -1,0 +1,303 @@
+"""Cross-attention from the decoder's hidden states to visual features, hooked into a pretrained decoder (§0, §9, §21).
+
+Two placements, one attention:
+
+- ``gated`` -- Flamingo's GATED XATTN-DENSE (mlfoundations/open_flamingo ``src/helpers.py``; transformers'
+  ``IdeficsGatedCrossAttentionLayer``, ``MllamaCrossAttentionDecoderLayer``): in front of chosen decoder layers,
+  ``y = y + tanh(a) * XAttn(norm(y), media)``, then ``y = y + tanh(b) * FF(norm(y))``, with the gates ``a = b = 0``
+  at init, so a fresh model is the base LLM exactly, for any image.
+- ``parallel`` -- CogAgent's high-resolution branch (THUDM/CogVLM ``cogagent_model.py``; SYSTEMS.md §9): inside
+  *every* decoder layer, after self-attention and its residual, ``y = y + XAttn(norm(y), hr_features)``, ungated,
+  with a small inner width (CogAgent: 1024 = 32 heads of 32), before the MLP.
+
+[Contract] The decoder's code and state-dict keys are untouched. The blocks live outside the decoder (the model
+holds them); a forward pre-hook on each chosen decoder layer (``gated``), or a pre-hook on the layer plus a forward
+hook on its ``self_attn`` (``parallel``: ``attn_out`` becomes ``attn_out + XAttn(norm(residual + attn_out))``, which
+the layer adds to its residual) applies them. The hooks read everything from attributes (no closures), so a
+``copy.deepcopy`` of the model (EMA, a DPO reference) runs its own copies. Outside a ``media`` block, or with no
+media, the hooks do nothing and the decoder is the base LLM exactly.
+
+[Contract] The media mask. ``media(decoder, features, mask)`` sets ``features`` ``[B, U, M, D_media]`` (``U`` media
+units per sample -- images, or tiles -- of ``M`` tokens each, zero-padded) and ``mask`` ``[B, L, U]`` (True = the
+token at sequence position ``l`` sees unit ``u``) for sequence positions ``0 .. L-1``; positions ``>= L`` (generated
+tokens) see what position ``L - 1`` sees. As with ``routing.py``, a decoder pre-hook slices the rows of the tokens of
+each forward from the KV cache's length. Each block's keys and values are computed from the features once per
+``media`` block (cached through generation; they do not depend on the text). A row that sees no unit attends to
+nothing: its attention output is zeroed (``empty_rows="zero_attn"``: Flamingo, Idefics), or -- transformers'
+Mllama -- it attends to every unit and its FF output is zeroed instead (``"zero_ff"``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlmlab.errors import ConfigError, SampleError
+from vlmlab.models.fusion.hooks import forward_span, hooked_state
+from vlmlab.models.layers import CrossAttention, GeluFF, SwiGLU, norm_layer
+
+CROSS_KINDS = ("gated", "parallel")
+EMPTY_ROWS = ("zero_attn", "zero_ff")
+PLACEMENTS = ("idefics", "openflamingo", "every")
+
+
+def cross_layers(n_layers: int, every: int, placement: str) -> list[int]:
+    """Decoder layer indices that get a block in front of them: Idefics ``i % n == 0``, OpenFlamingo
+    ``(i + 1) % n == 0`` (SYSTEMS.md §23: the two references differ), ``every`` = all layers."""
+    if placement not in PLACEMENTS:
+        raise ConfigError(f"cross-attention placement {placement!r} is not one of {list(PLACEMENTS)}")
+    if every < 1:
+        raise ConfigError(f"cross-attention every must be >= 1, got {every}")
+    if placement == "every":
+        return list(range(n_layers))
+    shift = 0 if placement == "idefics" else 1
+    return [i for i in range(n_layers) if (i + shift) % every == 0]
+
+
+def media_mask(
+    input_ids: torch.Tensor,
+    image_token_id: int,
+    group_consecutive: bool = False,
+    reset_token_id: int | None = None,
+) -> torch.Tensor:
+    """``[B, T]`` ids -> ``[B, T, N_max]`` bool: which of its sample's images (in order) each token sees.
+
+    Flamingo's rule (``only_attend_immediate_media``): a token sees the most recent image, its own ``<image>``
+    token included; tokens before the first image see none. ``group_consecutive`` (Mllama): a run of adjacent
+    image tokens forms one group, and the tokens from the run on see every image of it. ``reset_token_id``
+    (Idefics' end-of-document): tokens after it see no image until the next one."""
+    is_img = input_ids == image_token_id
+    count = is_img.long().cumsum(1)  # images seen up to and including t
+    first = count - 1  # the first image a token sees: the latest one ...
+    if group_consecutive:  # ... or the first image of the latest run of adjacent image tokens
+        starts = is_img & ~F.pad(is_img[:, :-1], (1, 0), value=False)
+        first = torch.where(starts, count - 1, torch.full_like(count, -1)).cummax(1).values
+    sees_any = count > 0
+    if reset_token_id is not None:
+        reset = F.pad((input_ids == reset_token_id)[:, :-1], (1, 0), value=False)  # after the token
+        # The latest reset and the latest image, by position: an image after the reset re-opens the view.
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        last_reset = torch.where(reset, pos, torch.full_like(pos, -1)).cummax(1).values
+        last_img = torch.where(is_img, pos, torch.full_like(pos, -1)).cummax(1).values
+        sees_any &= last_img >= last_reset
+    n_max = max(int(count[:, -1].max()) if count.numel() else 0, 1)
+    units = torch.arange(n_max, device=input_ids.device)
+    return sees_any[..., None] & (units >= first[..., None]) & (units < count[..., None])
+
+
+@dataclass
+class BlockSettings:
+    """What a model's ``CrossAttentionConfig`` fixes for each of its blocks."""
+
+    kind: str
+    heads: int
+    head_dim: int
+    kv_heads: int | None = None
+    norm: str = "rmsnorm"
+    ff: str | None = "swiglu"
+    ff_hidden: int = 0
+    qk_norm: bool = False
+    gate: str = "scalar"
+    empty_rows: str = "zero_attn"
+    eps: float = 1e-6
+
+
+class CrossAttentionBlock(nn.Module):
+    """One cross-attention insertion. ``gated``: norm -> XAttn -> tanh-gated residual, then norm -> FF ->
+    tanh-gated residual (gates zeros: ``[1]`` or, Idefics' ``alpha_type="vector"``, ``[D]``). ``parallel``:
+    norm -> XAttn, ungated and without FF; the hooks add it after the layer's self-attention."""
+
+    def __init__(self, dim: int, media_dim: int, s: BlockSettings):
+        super().__init__()
+        if s.kind not in CROSS_KINDS:
+            raise ConfigError(f"cross-attention kind {s.kind!r} is not one of {list(CROSS_KINDS)}")
+        if s.empty_rows not in EMPTY_ROWS:
+            raise ConfigError(f"cross-attention empty_rows {s.empty_rows!r} is not one of {list(EMPTY_ROWS)}")
+        self.kind, self.empty_rows = s.kind, s.empty_rows
+        self.attn_norm = norm_layer(s.norm, dim, s.eps)
+        self.attn = CrossAttention(dim, media_dim, s.heads, s.head_dim, s.kv_heads, s.qk_norm, s.eps)
+        self.ff_norm = self.ff = self.attn_gate = self.ff_gate = None
+        if s.kind == "gated":
+            if s.gate not in ("scalar", "vector"):
+                raise ConfigError(f"cross-attention gate {s.gate!r} is not one of ['scalar', 'vector']")
+            shape = 1 if s.gate == "scalar" else dim
+            self.attn_gate = nn.Parameter(torch.zeros(shape))  # tanh(0) = 0: the base LLM at init
+            self.ff_gate = nn.Parameter(torch.zeros(shape))
+            if s.ff is not None:
+                if s.ff not in ("swiglu", "gelu"):
+                    raise ConfigError(f"cross-attention ff {s.ff!r} is not one of ['swiglu', 'gelu', None]")
+                self.ff_norm = norm_layer(s.norm, dim, s.eps)
+                self.ff = SwiGLU(dim, s.ff_hidden, dim) if s.ff == "swiglu" else GeluFF(dim, s.ff_hidden)
+
+    def forward(self, x: torch.Tensor, kv, bias, rows: torch.Tensor) -> torch.Tensor:
+        """``x`` [B, T, D]; ``rows`` [B, T, 1] (1 = the token sees some media). Returns the new hidden states
+        (``gated``) or the increment to add (``parallel``)."""
+        a = self.attn(self.attn_norm(x), kv, bias)
+        if self.kind == "parallel":
+            return a
+        if self.empty_rows == "zero_attn":
+            a = a * rows
+        x = x + self.attn_gate.tanh() * a
+        if self.ff is None:
+            return x
+        f = self.ff(self.ff_norm(x))
+        if self.empty_rows == "zero_ff":
+            f = f * rows
+        return x + self.ff_gate.tanh() * f
+
+
+class MediaState:
+    """The media of one ``media`` block, shared by every block of one decoder (not in the state dict)."""
+
+    def __init__(self) -> None:
+        self.features: torch.Tensor | None = None  # [B, U * M, D_media]
+        self.mask: torch.Tensor | None = None  # [B, L, U] bool
+        self.per_unit = 1  # M
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # block id -> keys, values
+        self.bias: torch.Tensor | None = None  # [B, 1, T, U * M] for the current forward
+        self.rows: torch.Tensor | None = None  # [B, T, 1]
+
+    def select(self, offset: int, length: int, batch: int, dtype: torch.dtype) -> None:
+        if self.features is None:
+            return
+        if self.mask.shape[0] != batch:
+            raise SampleError(
+                f"media mask has batch {self.mask.shape[0]} but the decoder forward has {batch}"
+            )
+        mask = self.mask[:, offset : offset + length]
+        if mask.shape[1] < length:  # generated tokens see what the last prompt token sees
+            last = self.mask[:, -1:].expand(-1, length - mask.shape[1], -1)
+            mask = torch.cat([mask, last], dim=1)
+        rows = mask.any(-1, keepdim=True)  # [B, T, 1]
+        # A row that sees nothing attends to every unit (finite softmax; its output is zeroed per empty_rows).
+        mask = mask | ~rows
+        mask = mask.repeat_interleave(self.per_unit, dim=2)  # [B, T, U * M]
+        bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+        self.bias = bias.masked_fill(~mask, torch.finfo(dtype).min)[:, None]
+        self.rows = rows.to(dtype)
+
+    def keys_values(self, block: CrossAttentionBlock) -> tuple[torch.Tensor, torch.Tensor]:
+        kv = self.kv.get(id(block))
+        if kv is None:
+            kv = self.kv[id(block)] = block.attn.kv(self.features)
+        return kv
+
+
+def _state_of(decoder: nn.Module) -> MediaState:
+    return hooked_state(decoder, "_vlmlab_media", "apply_cross_attention")
+
+
+def _select_media(decoder: nn.Module, args: tuple, kwargs: dict) -> None:
+    x, offset = forward_span(args, kwargs)
+    dtype = decoder.get_input_embeddings().weight.dtype if x.dtype == torch.long else x.dtype
+    _state_of(decoder).select(offset, x.shape[1], x.shape[0], dtype)
+
+
+def _hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _gated_pre_hook(layer: nn.Module, args: tuple, kwargs: dict):
+    block, state = layer._vlmlab_xattn
+    if state.features is None:
+        return None
+    h = _hidden_of(args, kwargs)
+    out = block(h, state.keys_values(block), state.bias, state.rows)
+    if args:
+        return (out, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": out}
+
+
+def _parallel_pre_hook(layer: nn.Module, args: tuple, kwargs: dict) -> None:
+    layer._vlmlab_xattn[1].residual = _hidden_of(args, kwargs)  # the layer's input: self-attention's residual
+
+
+def _parallel_attn_hook(attn: nn.Module, args: tuple, kwargs: dict, output):
+    block, state = attn._vlmlab_xattn
+    if state.features is None:
+        return None
+    attn_out = output[0] if isinstance(output, tuple) else output
+    h = state.residual + attn_out  # what the layer is about to compute
+    attn_out = attn_out + block(h, state.keys_values(block), state.bias, state.rows)
+    return (attn_out, *output[1:]) if isinstance(output, tuple) else attn_out
+
+
+def apply_cross_attention(decoder: nn.Module, blocks: dict[int, CrossAttentionBlock]) -> None:
+    """Hook ``blocks`` (decoder layer index -> block, all of one kind) into ``decoder`` (a transformers base model
+    whose ``layers`` take the hidden states first and, for ``parallel``, have a ``self_attn`` returning
+    ``(attn_out, ...)``: the Llama/Qwen2/Mistral family)."""
+    if getattr(decoder, "_vlmlab_media", None) is not None:
+        raise ConfigError(f"{type(decoder).__name__} already has cross-attention")
+    layers = decoder.layers
+    state = MediaState()
+    handles = [decoder.register_forward_pre_hook(_select_media, with_kwargs=True)]
+    for i, block in blocks.items():
+        if not 0 <= i < len(layers):
+            raise ConfigError(f"cross-attention layer {i} is not a layer of a {len(layers)}-layer decoder")
+        layer = layers[i]
+        # Tuples keep nn.Module from registering the block under the decoder: its keys stay the base LLM's.
+        layer._vlmlab_xattn = (block, state)
+        if block.kind == "gated":
+            handles.append(layer.register_forward_pre_hook(_gated_pre_hook, with_kwargs=True))
+        else:
+            layer.self_attn._vlmlab_xattn = (block, state)
+            handles.append(layer.register_forward_pre_hook(_parallel_pre_hook, with_kwargs=True))
+            handles.append(layer.self_attn.register_forward_hook(_parallel_attn_hook, with_kwargs=True))
+    decoder._vlmlab_media = (state, handles)
+
+
+@contextlib.contextmanager
+def media(
+    decoder: nn.Module, features: torch.Tensor | None, mask: torch.Tensor | None = None
+) -> Iterator[MediaState]:
+    """Run every forward of ``decoder`` inside the block with ``features`` ``[B, U, M, D_media]`` seen per
+    ``mask`` ``[B, L, U]`` (None: every token sees every unit). ``features=None``: the base decoder."""
+    state = _state_of(decoder)
+    saved = (state.features, state.mask, state.per_unit, state.kv)
+    if features is not None:
+        if features.dim() != 4:
+            raise SampleError(f"media features must be [B, U, M, D], got {list(features.shape)}")
+        b, u, m, _ = features.shape
+        if mask is None:
+            raise SampleError("media needs a [B, L, U] mask (which units each token sees)")
+        if mask.dim() != 3 or mask.shape[0] != b or mask.shape[2] != u or mask.dtype != torch.bool:
+            raise SampleError(
+                f"media mask must be a [B, L, U] = [{b}, L, {u}] bool tensor, got {mask.dtype} "
+                f"{list(mask.shape)}"
+            )
+        state.features, state.mask, state.per_unit = features.flatten(1, 2), mask, m
+    else:
+        state.features, state.mask = None, None
+    state.kv = {}
+    try:
+        yield state
+    finally:
+        state.features, state.mask, state.per_unit, state.kv = saved
+        state.bias = state.rows = None
+        state.residual = None
+
+
+def inner_heads(inner: int, head_dim: int) -> int:
+    """Heads of an inner width (CogAgent: 1024 / 32 = 32)."""
+    if inner % head_dim:
+        raise ConfigError(f"cross-attention width {inner} is not a multiple of head_dim {head_dim}")
+    return inner // head_dim
+
+
+__all__ = [
+    "CROSS_KINDS",
+    "BlockSettings",
+    "CrossAttention",
+    "CrossAttentionBlock",
+    "MediaState",
+    "apply_cross_attention",
+    "cross_layers",
+    "inner_heads",
+    "media",
+    "media_mask",
+]
