@@ -4,7 +4,10 @@ share one module.
 
 [Contract] An importer module provides ``config_from_hf(hf_config: dict) -> ModelConfig``, ``KEY_MAP`` (a list of
 ``(transformers prefix, vlmlab prefix)`` pairs, applied to whole key prefixes) and ``export_config(model) -> dict``.
-Key maps are declarative and loading fails loudly on missing, unexpected or mis-shaped tensors.
+Key maps are declarative and loading fails loudly on missing, unexpected or mis-shaped tensors. Optional:
+``extra_tensors(path, hf_config, tensors)`` (tensors stored beside the checkpoint), ``import_tensors(tensors,
+hf_config)`` / ``export_tensors(state, model)`` (tensors that are not a rename: split, concatenated or renumbered,
+before the import's renaming and after the export's), ``export_drops(key)`` (vlmlab-only tensors).
 """
 
 from vlmlab.interop.hf import internvl, llava

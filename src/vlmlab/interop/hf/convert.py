@@ -70,6 +70,8 @@ def import_hf(path: str | os.PathLike, formats) -> object:
     tensors = read_hf_tensors(path)
     if hasattr(fmt, "extra_tensors"):  # e.g. a vision tower stored beside the checkpoint
         tensors.update(fmt.extra_tensors(path, hf_config, tensors))
+    if hasattr(fmt, "import_tensors"):  # tensors that are not a rename (split, merged, renumbered layers)
+        tensors = fmt.import_tensors(tensors, hf_config)
     state = {}
     for key, tensor in tensors.items():
         new = _rename(key, [*getattr(fmt, "IMPORT_ALIASES", []), *fmt.KEY_MAP])
@@ -100,5 +102,7 @@ def export_hf(model, path: str | os.PathLike, formats, model_type: str) -> None:
             continue
         seen[tensor.data_ptr()] = new
         state[new] = tensor.detach().contiguous().cpu()
+    if hasattr(fmt, "export_tensors"):  # the inverse of import_tensors, on transformers' names
+        state = fmt.export_tensors(state, model)
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
     (path / CONFIG).write_text(json.dumps(fmt.export_config(model), indent=2))
