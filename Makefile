@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo bench bench-serve llava-family connectors grounding test lint format setup browser clean
+.PHONY: demo bench bench-serve llava-family connectors grounding fusion test lint format setup browser clean
 
 $(STAMP):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,9 @@ connectors: $(STAMP)
 
 grounding: $(STAMP)
 	$(BIN)/python scripts/grounding.py --out runs/grounding
+
+fusion: $(STAMP)
+	$(BIN)/python scripts/fusion.py --out runs/fusion
 
 # The chat page test (tests/serving/test_page.py) drives a real headless browser: Debian's Chromium, through the
 # Python playwright package (a dev extra), which is pointed at /usr/bin/chromium. Playwright's own browser

@@ -33,23 +33,9 @@ def _alone(model, proc, ids, pixels, n):
     )[0].tolist()
 
 
-@pytest.mark.parametrize("tight", [False, True])  # tight: the buffer's end is reached, rows compact left
-def test_rows_joining_and_leaving_decode_like_alone(tiny_model, tight, monkeypatch):
-    model, proc = tiny_model
-    moves = {"_shift": 0, "_compact": 0}
-    for name in moves:
-        original = getattr(DecodeBatch, name)
-
-        def counted(self, *a, _name=name, _original=original):
-            moves[_name] += 1
-            return _original(self, *a)
-
-        monkeypatch.setattr(DecodeBatch, name, counted)
-    prompts = _prompts(proc)
-    # Row i joins at step joins[i] and generates lengths[i] tokens; a long prompt joining later shifts the rest.
-    joins, lengths = [0, 0, 3, 5, 9], [12, 4, 10, 6, 7]
-    width = max(ids.shape[1] + n for (ids, _), n in zip(prompts, lengths)) if tight else 128
-    expected = [_alone(model, proc, ids, px, n) for (ids, px), n in zip(prompts, lengths)]
+def schedule(model, prompts, joins, lengths, width) -> list[list[int]]:
+    """Greedy tokens of every prompt when row i joins a ``DecodeBatch`` at step ``joins[i]`` and leaves after
+    ``lengths[i]`` tokens."""
     batch = DecodeBatch(model, width)
     got: dict[int, list[int]] = {}
     step = 0
@@ -66,7 +52,28 @@ def test_rows_joining_and_leaving_decode_like_alone(tiny_model, tight, monkeypat
                 got[k].append(int(row.argmax()))
         step += 1
         assert step < 100
-    assert [got[i] for i in range(len(prompts))] == expected
+    return [got[i] for i in range(len(prompts))]
+
+
+@pytest.mark.parametrize("tight", [False, True])  # tight: the buffer's end is reached, rows compact left
+def test_rows_joining_and_leaving_decode_like_alone(tiny_model, tight, monkeypatch):
+    model, proc = tiny_model
+    moves = {"_shift": 0, "_compact": 0}
+    for name in moves:
+        original = getattr(DecodeBatch, name)
+
+        def counted(self, *a, _name=name, _original=original):
+            moves[_name] += 1
+            return _original(self, *a)
+
+        monkeypatch.setattr(DecodeBatch, name, counted)
+    prompts = _prompts(proc)
+    # Row i joins at step joins[i] and generates lengths[i] tokens; a long prompt joining later shifts the rest.
+    joins, lengths = [0, 0, 3, 5, 9], [12, 4, 10, 6, 7]
+    width = max(ids.shape[1] + n for (ids, _), n in zip(prompts, lengths)) if tight else 128
+    assert schedule(model, prompts, joins, lengths, width) == [
+        _alone(model, proc, ids, px, n) for (ids, px), n in zip(prompts, lengths)
+    ]
     assert moves["_shift"] >= 2 and (moves["_compact"] >= 1) == tight, moves
 
 
@@ -107,3 +114,25 @@ def test_the_cache_starts_narrow_and_widens_as_rows_need(tiny_model):
     assert batch.width == 128
     assert tokens == _alone(model, proc, ids, px, n)
     assert other == _alone(model, proc, ids2, px2, n)
+
+
+@pytest.mark.parametrize("mode", ["expert", "plora"])
+def test_routed_models_with_shared_positions_decode_like_alone(tokenizer, mode):
+    """CogVLM / XComposer2 in the server's batch: each prompt's image rows are routed at its prefill, and rows keep
+    their own (shared-image) positions."""
+    import dataclasses
+
+    from test_fusion_model import config, perturb
+    from vlmlab.models.vlm import VisionLanguageModel
+    from vlmlab.processing.processor import Processor
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(config(tokenizer, mode), image_positions="shared")
+    model = VisionLanguageModel(cfg).eval()
+    perturb(model)
+    proc = Processor(tokenizer, cfg.processor, model.num_image_tokens)
+    prompts = _prompts(proc)[:3]
+    lengths = [6, 3, 5]
+    assert schedule(model, prompts, [0, 1, 2], lengths, 128) == [
+        _alone(model, proc, ids, px, n) for (ids, px), n in zip(prompts, lengths)
+    ]

@@ -217,6 +217,10 @@ def test_gated_errors_are_one_line(gated, tokenizer):
     bad = dataclasses.replace(gated_config(tokenizer), fusion=FusionConfig(mode=None))
     with pytest.raises(ConfigError, match="neither mode"):
         VisionLanguageModel(bad)
+    from vlmlab.inference.batch import DecodeBatch
+
+    with pytest.raises(ConfigError, match="cross-attention models"):
+        DecodeBatch(model, 64)
     tiled = gated_config(tokenizer)
     tiled.processor.tiler = "dynamic"
     with pytest.raises(ConfigError, match="one view per image"):
@@ -267,13 +271,16 @@ def test_cogagent_every_token_sees_the_high_res_image_and_kv_ignore_the_text(cog
     assert kv[0][0].shape[-1] == 8  # head_dim: the small inner width
 
 
-def test_cogagent_cached_generation_equals_uncached(cogagent):
+def test_cogagent_cached_generation_equals_uncached_and_round_trips(cogagent, tmp_path):
     model, proc = cogagent
     perturb(model)
     b = chat(proc, "What color? <image>", [image("red", (90, 70))])
     assert torch.equal(
         model.generate(**b, max_new_tokens=6), model.generate(**b, max_new_tokens=6, use_cache=False)
     )
+    model.save_pretrained(tmp_path / "m")
+    loaded = VisionLanguageModel.from_pretrained(tmp_path / "m").eval()
+    assert torch.equal(loaded(**b).logits, model(**b).logits)
     stage = Stage(name="s", train=("fusion",), lr={"fusion": 1e-3}, steps=1)
     apply_stage(model, stage)
     model.train()

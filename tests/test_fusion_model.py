@@ -111,10 +111,6 @@ def test_bad_fusion_settings_fail_with_one_line(tokenizer):
     cfg = config(tokenizer, "expert")
     with pytest.raises(ConfigError, match="fusion.mode"):
         VisionLanguageModel(dataclasses.replace(cfg, fusion=FusionConfig(mode="nope")))
-    from vlmlab.inference.batch import DecodeBatch
-
-    with pytest.raises(ConfigError, match="deep-fusion"):
-        DecodeBatch(VisionLanguageModel(cfg), 64)
 
 
 def test_inspect_counts_the_fusion_part(monkeypatch):

@@ -123,7 +123,7 @@ def test_connectors():
 def test_bad_settings_and_inputs_fail_with_one_line():
     for kw, msg in (
         (dict(norm="batchnorm"), "norm 'batchnorm'"),
-        (dict(ff="relu"), "ff 'relu'"),
+        (dict(ff="tanh"), "ff 'tanh'"),
         (dict(heads=4, kv_heads=3), "multiple of kv_heads"),
         (dict(latents_init="zeros"), "latents_init"),
     ):

@@ -34,6 +34,11 @@ CPU_SCALE = {
     "instructblip-tiny",
     "xcomposer-tiny",
     "perceiver-tiny",
+    "cogvlm-tiny",
+    "cogagent-tiny",
+    "xcomposer2-tiny",
+    "flamingo-tiny",
+    "mllama-tiny",
 }
 # Real-scale LLaVA-NeXT family: built on the meta device in tests/test_llava_next.py.
 NEXT_SCALE = {"llava-next", "llava-next-video", "llava-next-interleave"}
@@ -45,9 +50,20 @@ INTERNVL_SCALE = {"internvl-1.5", "vila-1.5"}
 QFORMER_SCALE = {"blip2", "instructblip", "xcomposer"}
 
 
+# Deep-fusion presets at real scale: built on the meta device in tests/test_fusion_presets.py.
+FUSION_SCALE = {"cogvlm", "cogagent", "xcomposer2", "flamingo", "mllama"}
+
+
 def test_every_preset_is_covered():
     assert set(PRESETS) == (
-        CPU_SCALE | set(REAL_SCALE) | NEXT_SCALE | QWEN_SCALE | INTERNVL_SCALE | QFORMER_SCALE | {"nano"}
+        CPU_SCALE
+        | set(REAL_SCALE)
+        | NEXT_SCALE
+        | QWEN_SCALE
+        | INTERNVL_SCALE
+        | QFORMER_SCALE
+        | FUSION_SCALE
+        | {"nano"}
     )
 
 

@@ -22,6 +22,9 @@ def build(preset: str | Preset, load_pretrained: bool = True) -> tuple[VisionLan
         video_token_id=tokenizer.convert_tokens_to_ids(video.token) if video and not video.as_images else -1,
     )
     model = VisionLanguageModel(config, load_pretrained=load_pretrained)
+    vocab = model.embedded_vocab(tokenizer)
+    if vocab != model.language.get_input_embeddings().num_embeddings:
+        model.resize_vocab(vocab)
     return model, Processor(tokenizer, config.processor, model.num_image_tokens)
 
 

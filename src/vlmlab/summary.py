@@ -33,7 +33,7 @@ def summarize(preset_name: str, image_sizes: list[tuple[int, int]]) -> dict[str,
         "vision": config.vision.name,
         "connector": config.connector.name,
         "newline": "image_newline",
-        "fusion": f"routed ({config.fusion.mode})" if config.fusion else "",
+        "fusion": fusion_name(config.fusion),
         "language": model.config.language.model_type,
     }
     parts = {
@@ -71,6 +71,7 @@ def summarize(preset_name: str, image_sizes: list[tuple[int, int]]) -> dict[str,
         "total_params": total,
         "stages": stages,
         "tokens_per_view": model.num_image_tokens,
+        "cross_attention_tokens": model.num_media_tokens if model.gated else None,
         "image_size": proc.image_size,
         "tiling": proc.tiler or ("anyres" if proc.anyres is not None else None),
         "visual_tokens": tokens,
@@ -84,18 +85,33 @@ def _m(n: int) -> str:
 
 def render(s: dict[str, Any]) -> str:
     """The summary as the text ``vlmlab inspect`` prints."""
-    lines = [f"{s['preset']}: {s['description']}", "", f"{'part':<11}{'module':<22}{'params':>12}"]
+    w = max([22] + [len(p["name"]) + 2 for p in s["parts"].values()])
+    lines = [f"{s['preset']}: {s['description']}", "", f"{'part':<11}{'module':<{w}}{'params':>12}"]
     for part, p in s["parts"].items():
-        lines.append(f"{part:<11}{p['name']:<22}{_m(p['params']):>12}  ({p['params']:,})")
-    lines.append(f"{'total':<33}{_m(s['total_params']):>12}  ({s['total_params']:,})")
-    lines += ["", f"{'stage':<14}{'objective':<16}{'trains':<34}{'trainable':>12}{'share':>8}"]
+        lines.append(f"{part:<11}{p['name']:<{w}}{_m(p['params']):>12}  ({p['params']:,})")
+    lines.append(f"{'total':<{11 + w}}{_m(s['total_params']):>12}  ({s['total_params']:,})")
+    lines += ["", f"{'stage':<20}{'objective':<16}{'trains':<34}{'trainable':>12}{'share':>8}"]
     for st in s["stages"]:
         share = st["trainable_params"] / s["total_params"]
         lines.append(
-            f"{st['name']:<14}{st['objective']:<16}{'+'.join(st['train']):<34}"
+            f"{st['name']:<20}{st['objective']:<16}{'+'.join(st['train']):<34}"
             f"{_m(st['trainable_params']):>12}{share:>8.1%}"
         )
     tiling = f", tiling {s['tiling']}" if s["tiling"] else ""
     lines += ["", f"visual tokens per image ({s['tokens_per_view']} per {s['image_size']} px view{tiling}):"]
     lines += [f"  {size:>11}: {n}" for size, n in s["visual_tokens"].items()]
+    if s.get("cross_attention_tokens"):
+        lines.append(
+            f"  (each image token stands for {s['cross_attention_tokens']} features read by cross-attention)"
+        )
     return "\n".join(lines)
+
+
+def fusion_name(fusion) -> str:
+    """``routed (expert)``, ``cross (gated)``, ``routed (expert) + cross (parallel)``; empty without fusion."""
+    if fusion is None:
+        return ""
+    names = [f"routed ({fusion.mode})"] if fusion.mode else []
+    if fusion.cross is not None:
+        names.append(f"cross ({fusion.cross.kind})")
+    return " + ".join(names)

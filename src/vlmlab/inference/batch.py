@@ -16,6 +16,7 @@ short requests keeps a cache sized for the requests, not for 8k.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +29,7 @@ from vlmlab.inference.generate import PreallocatedLayer, _decoder_step, kv_cache
 class _Row:
     key: object  # the caller's handle
     start: int  # first cache column of this row
-    position: int  # RoPE position of its next token
+    position: int  # RoPE position of its next token (CogVLM's shared image positions: fewer than its tokens)
 
 
 MIN_WIDTH = 64  # columns the cache buffers start with
@@ -40,12 +41,12 @@ class DecodeBatch:
     generated tokens (the model's context)."""
 
     def __init__(self, model, context: int):
-        if getattr(model, "fusion_params", None):
-            # Rows of different requests would need their own image-row masks inside one decoder call.
-            raise ConfigError("continuous batching does not serve deep-fusion models (config.fusion) yet")
-        if getattr(model.config, "image_positions", "sequential") != "sequential":
+        fusion = getattr(model.config, "fusion", None)
+        if fusion is not None and fusion.cross is not None:
+            # Every decode step would need each row's own visual features inside one decoder call.
             raise ConfigError(
-                "continuous batching serves sequential image positions only (config.image_positions)"
+                "continuous batching does not serve cross-attention models (config.fusion.cross) yet: "
+                "use model.generate"
             )
         self.model = model
         self.language = model.language
@@ -79,16 +80,22 @@ class DecodeBatch:
         P = input_ids.shape[1]
         if self.context <= P:
             raise ValueError(f"prompt of {P} tokens does not fit the context of {self.context}")
-        embeds = self.model.embed(input_ids, visual_inputs.pop("pixel_values", None), **visual_inputs)
+        pixel_values = visual_inputs.pop("pixel_values", None)
+        embeds = self.model.embed(input_ids, pixel_values, **visual_inputs)
         own = kv_cache(self.language, P)
-        logits = _decoder_step(self.language, own)(
-            embeds, torch.ones(1, P, dtype=torch.long), torch.arange(P)[None]
-        )
+        mask = torch.ones(1, P, dtype=torch.long)
+        positions_of = getattr(self.model, "positions", None)
+        positions = positions_of(input_ids, mask) if positions_of else torch.arange(P)[None]
+        # Routed layers (CogVLM, XComposer2) see the prompt's image rows at prefill; generated tokens are text rows,
+        # which take the base weights outside the context, so the decode steps need nothing per row.
+        fused = getattr(self.model, "fused", None)
+        with fused(input_ids, pixel_values, **visual_inputs) if fused else contextlib.nullcontext():
+            logits = _decoder_step(self.language, own)(embeds, mask, positions)
         self._grow(P)
         if self.t < P:  # make room on the left: shift the running rows right (t becomes P <= width)
             self._shift(P - self.t)
         self._append_row(own, P)
-        self.rows.append(_Row(key, self.t - P, P))
+        self.rows.append(_Row(key, self.t - P, int(positions.max()) + 1))
         return logits[0]
 
     @torch.no_grad()

@@ -48,23 +48,37 @@ class SwiGLU(nn.Module):
 
 
 class GeluFF(nn.Module):
-    """Flamingo's FF after its LayerNorm: Linear(D, 4D), GELU, Linear(4D, D), no biases."""
+    """Flamingo's FF after its LayerNorm: Linear(D, 4D), GELU, Linear(4D, D), no biases. ``act`` replaces the
+    GELU (Idefics' perceiver: ``relu``)."""
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, act: str = "gelu"):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden, bias=False)
         self.fc2 = nn.Linear(hidden, dim, bias=False)
+        self.act = ACT2FN[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(nn.functional.gelu(self.fc1(x)))
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class CrossAttention(nn.Module):
     """Queries from the decoder's hidden states ``[B, T, D]``, keys/values from media ``[B, S, D_media]``.
     ``heads * head_dim`` is the inner width (CogAgent: 32 x 32 = 1024 for a 4096-wide LLM); ``kv_heads`` < ``heads``
-    shares K/V heads (GQA, Mllama); ``qk_norm`` RMS-normalises each query and key head (Mllama)."""
+    shares K/V heads (GQA, Mllama); ``qk_norm`` normalises each query and key head, with an RMSNorm (Mllama,
+    Idefics' gated blocks) or, ``qk_norm_kind="layernorm"``, a LayerNorm (Idefics' perceiver)."""
 
-    def __init__(self, dim, media_dim, heads, head_dim, kv_heads=None, qk_norm=False, eps=1e-6, bias=False):
+    def __init__(
+        self,
+        dim,
+        media_dim,
+        heads,
+        head_dim,
+        kv_heads=None,
+        qk_norm=False,
+        eps=1e-6,
+        bias=False,
+        qk_norm_kind="rmsnorm",
+    ):
         super().__init__()
         kv_heads = kv_heads or heads
         if heads % kv_heads:
@@ -74,8 +88,8 @@ class CrossAttention(nn.Module):
         self.k_proj = nn.Linear(media_dim, kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(media_dim, kv_heads * head_dim, bias=bias)
         self.o_proj = nn.Linear(heads * head_dim, dim, bias=bias)
-        self.q_norm = norm_layer("rmsnorm", head_dim, eps) if qk_norm else None
-        self.k_norm = norm_layer("rmsnorm", head_dim, eps) if qk_norm else None
+        self.q_norm = norm_layer(qk_norm_kind, head_dim, eps) if qk_norm else None
+        self.k_norm = norm_layer(qk_norm_kind, head_dim, eps) if qk_norm else None
 
     def kv(self, media: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``[B, S, D_media]`` -> keys, values ``[B, heads, S, head_dim]`` (computed once per media)."""

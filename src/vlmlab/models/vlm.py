@@ -156,6 +156,21 @@ class VisionLanguageModel(nn.Module):
         if self.cross_vision is not None:
             self.fusion_params += list(self.cross_vision.parameters())
 
+    def embedded_vocab(self, tokenizer) -> int:
+        """How many token ids the decoder must embed for ``tokenizer``: all of them when a token added past the
+        LLM's vocabulary reaches the decoder (a marker such as ``<img>``, or a gated model's ``<image>``), else
+        the LLM's own size (placeholders past it are overwritten by features and never embedded)."""
+        vocab = self.language.get_input_embeddings().num_embeddings
+        overwritten = set() if self.gated else {self.config.image_token_id, self.config.video_token_id}
+        beyond = [i for i in tokenizer.added_tokens_decoder if i >= vocab and i not in overwritten]
+        return max(len(tokenizer), max(beyond) + 1) if beyond else vocab
+
+    def resize_vocab(self, n: int) -> None:
+        """Grow the decoder's embedding (and untied head) to ``n`` ids, as LLaVA does for added tokens; the new rows
+        start at the mean of the old ones (transformers' ``resize_token_embeddings``). The config records it."""
+        self.language.resize_token_embeddings(n)
+        self.config.language.params["vocab_size"] = n
+
     def part_parameters(self, part: str) -> list[nn.Parameter]:
         """The parameters of one trainable part (``PARTS``)."""
         if part == "newline":
@@ -199,14 +214,21 @@ class VisionLanguageModel(nn.Module):
 
     def cross_media(
         self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, **extra
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """What the cross-attention blocks read: features ``[B, U, M, D_media]`` (each sample's images in order,
-        zero-padded) and which of them each token sees, ``[B, T, U]``; ``(None, None)`` without images.
+        zero-padded), which of them each token sees, ``[B, T, U]``, and which feature rows are real, ``[B, U, M]``
+        bool (None: all are); ``(None, None, None)`` without images.
 
         ``gated``: the connector's output of ``pixel_values``; each ``<image>`` token is one image and a token sees
-        the most recent one (``fusion.cross.media_mask``). ``parallel``: the cross tower's features of
-        ``cross_pixel_values``; each run of image placeholders is one image and every token sees all of its
-        sample's images."""
+        the most recent one (``fusion.cross.media_mask``). A tower with ``real_rows(**its extra inputs) ->
+        [N_img, N_vis]`` bool reports which of its output rows are real (Mllama: not those of padding tiles); its
+        connector must keep rows one-to-one. ``parallel``: the cross tower's features of ``cross_pixel_values``;
+        each run of image placeholders is one image and every token sees all of its sample's images.
+
+        Pixels with 6 dims are transformers' per-sample layout ``[B, N_img, ...]`` (Mllama:
+        ``[B, N_img, N_tiles, 3, H, W]``): each sample's images keep their ``N_img`` slots, padding images
+        included (encoded, as transformers does: no token sees them, but with ``empty_rows="zero_ff"`` a token that
+        sees no image attends to every row)."""
         from vlmlab.models.fusion.cross import media_mask
 
         c = self.config.fusion.cross
@@ -220,11 +242,19 @@ class VisionLanguageModel(nn.Module):
         if pixels is None:
             if self.gated and is_img.any():
                 raise SampleError(f"{int(is_img.sum())} image tokens in the input but no pixel_values")
-            return None, None
+            return None, None, None
+        valid = None
         if self.gated:
             if pixels.dim() == 5:
                 pixels, extra = drop_padding_views(pixels, extra)
             feats = self.encode_images(pixels.to(self.dtype_of_vision()), **extra)  # [N_img, M, D]
+            if hasattr(self.vision, "real_rows"):
+                valid = self.vision.real_rows(**_inputs_of(self.vision, extra))  # [N_img, M]
+                if valid.shape != feats.shape[:2]:
+                    raise ConfigError(
+                        f"the tower's real rows {list(valid.shape)} do not match the connector's output "
+                        f"{list(feats.shape[:2])} (real rows need a connector that keeps rows one-to-one)"
+                    )
             mask = media_mask(
                 input_ids,
                 self.config.image_token_id,
@@ -235,12 +265,20 @@ class VisionLanguageModel(nn.Module):
             feats = self.cross_vision(pixels.to(next(self.cross_vision.parameters()).dtype))
             units = torch.arange(max(int(counts.max()), 1), device=input_ids.device)
             mask = (units < counts[:, None])[:, None, :].expand(-1, input_ids.shape[1], -1)
+        if pixels.dim() == 6:  # per-sample slots
+            b, slots = pixels.shape[:2]
+            if b != len(counts) or int(counts.max()) > slots:
+                raise SampleError(
+                    f"{name} {list(pixels.shape[:2])} has no slot for every image of the text "
+                    f"({counts.tolist()} images per sample)"
+                )
+            mask = nn.functional.pad(mask, (0, slots - mask.shape[2]))
+            valid = None if valid is None else valid.unflatten(0, (b, slots))
+            return feats.unflatten(0, (b, slots)), mask, valid
         if int(counts.sum()) != feats.shape[0]:
             raise SampleError(f"{int(counts.sum())} images in the text but {feats.shape[0]} images in {name}")
-        out = feats.new_zeros(len(counts), mask.shape[2], *feats.shape[1:])
-        for b, rows in enumerate(feats.split(counts.tolist())):
-            out[b, : len(rows)] = rows
-        return out, mask
+        valid = None if valid is None else _by_sample(valid, counts, mask.shape[2])
+        return _by_sample(feats, counts, mask.shape[2]), mask, valid
 
     def dtype_of_vision(self) -> torch.dtype:
         return next(self.vision.parameters()).dtype
@@ -332,7 +370,11 @@ class VisionLanguageModel(nn.Module):
     ) -> torch.Tensor:
         """Token embeddings with the visual features spliced into the image and video placeholder positions.
         ``extra``: inputs of parts that take more than pixels (``EXTRA_VISUAL_INPUTS``)."""
-        unknown = sorted(k for k, v in extra.items() if k not in EXTRA_VISUAL_INPUTS and v is not None)
+        unknown = sorted(
+            k
+            for k, v in extra.items()
+            if k not in EXTRA_VISUAL_INPUTS and k not in RECOMPUTED_INPUTS and v is not None
+        )
         if unknown:
             raise SampleError(
                 f"unexpected model input(s) {unknown}; extra visual inputs: {EXTRA_VISUAL_INPUTS}"
@@ -483,17 +525,31 @@ class VisionLanguageModel(nn.Module):
 
 
 # Inputs beyond pixels that some parts take, by the name transformers' processors give them.
+# transformers' media masks (Idefics' ``image_attention_mask``, Mllama's ``cross_attention_mask``): vlmlab computes
+# the same from ``input_ids`` (``cross_media``; tests/interop check equality), so a transformers batch can be passed
+# as it is and these are not read.
+RECOMPUTED_INPUTS = ("image_attention_mask", "cross_attention_mask")
 EXTRA_VISUAL_INPUTS = (
     "pixel_attention_mask",
     "qformer_input_ids",
     "qformer_attention_mask",
     "cross_pixel_values",
+    "aspect_ratio_ids",
+    "aspect_ratio_mask",
 )
 
 
 def _inputs_of(part: nn.Module, extra: dict) -> dict:
     """The entries of ``extra`` that ``part`` takes (its ``extra_inputs``); a part that takes none gets none."""
     return {k: extra[k] for k in getattr(part, "extra_inputs", ()) if extra.get(k) is not None}
+
+
+def _by_sample(x: torch.Tensor, counts: torch.Tensor, n: int) -> torch.Tensor:
+    """``[N_img, ...]`` (every sample's images in order) -> ``[B, n, ...]``, each sample's zero-padded to ``n``."""
+    out = x.new_zeros(len(counts), n, *x.shape[1:])
+    for b, rows in enumerate(x.split(counts.tolist())):
+        out[b, : len(rows)] = rows
+    return out
 
 
 def drop_padding_views(pixel_values: torch.Tensor, extra: dict) -> tuple[torch.Tensor, dict]:

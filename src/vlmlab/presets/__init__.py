@@ -5,6 +5,18 @@ Add one: a function in a file of this folder that returns a ``Preset``, and one 
 
 from vlmlab.presets.base import Preset
 from vlmlab.presets.blip2 import blip2, blip2_tiny, instructblip, instructblip_tiny, xcomposer, xcomposer_tiny
+from vlmlab.presets.fusion import (
+    cogagent,
+    cogagent_tiny,
+    cogvlm,
+    cogvlm_tiny,
+    flamingo,
+    flamingo_tiny,
+    mllama,
+    mllama_tiny,
+    xcomposer2,
+    xcomposer2_tiny,
+)
 from vlmlab.presets.internvl import internvl_1_5, internvl_1_5_tiny, vila_1_5, vila_1_5_tiny
 from vlmlab.presets.llava import llava, llava_1_5, llava_1_5_tiny
 from vlmlab.presets.llava_next import (
@@ -48,5 +60,15 @@ PRESETS["internvl-1.5-tiny"] = internvl_1_5_tiny
 PRESETS["vila-1.5"] = vila_1_5
 PRESETS["vila-1.5-tiny"] = vila_1_5_tiny
 PRESETS["perceiver-tiny"] = perceiver_tiny
+PRESETS["cogvlm"] = cogvlm
+PRESETS["cogvlm-tiny"] = cogvlm_tiny
+PRESETS["cogagent"] = cogagent
+PRESETS["cogagent-tiny"] = cogagent_tiny
+PRESETS["xcomposer2"] = xcomposer2
+PRESETS["xcomposer2-tiny"] = xcomposer2_tiny
+PRESETS["flamingo"] = flamingo
+PRESETS["flamingo-tiny"] = flamingo_tiny
+PRESETS["mllama"] = mllama
+PRESETS["mllama-tiny"] = mllama_tiny
 
 __all__ = ["PRESETS", "Preset"]

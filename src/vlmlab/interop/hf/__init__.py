@@ -10,7 +10,7 @@ hf_config)`` / ``export_tensors(state, model)`` (tensors that are not a rename: 
 before the import's renaming and after the export's), ``export_drops(key)`` (vlmlab-only tensors).
 """
 
-from vlmlab.interop.hf import internvl, llava
+from vlmlab.interop.hf import idefics1, internvl, llava, mllama
 from vlmlab.interop.hf.blip2 import blip_2, instructblip
 from vlmlab.interop.hf.convert import export_hf, import_hf, is_hf_checkpoint
 from vlmlab.interop.hf.idefics import idefics2, idefics3
@@ -24,10 +24,12 @@ HF_FORMATS["llava_next"] = llava_next
 HF_FORMATS["llava_next_video"] = llava_next_video
 HF_FORMATS["llava_onevision"] = llava_onevision
 HF_FORMATS["llava_llama"] = original_llava
+HF_FORMATS["idefics"] = idefics1
 HF_FORMATS["idefics2"] = idefics2
 HF_FORMATS["idefics3"] = idefics3
 HF_FORMATS["blip-2"] = blip_2
 HF_FORMATS["instructblip"] = instructblip
 HF_FORMATS["internvl"] = internvl
+HF_FORMATS["mllama"] = mllama
 
 __all__ = ["HF_FORMATS", "export_hf", "hf_model_type", "import_hf", "is_hf_checkpoint"]

@@ -105,6 +105,10 @@ def hf_model_type(config: ModelConfig) -> str:
     """The transformers model type a vlmlab model exports to."""
     from vlmlab.interop.hf.idefics import MODEL_TYPES
 
+    if config.vision.name == "idefics_vit":  # Idefics v1, gated cross-attention (interop/hf/idefics1.py)
+        return "idefics"
+    if config.vision.name == "mllama_vit":  # Llama-3.2-Vision, gated cross-attention (interop/hf/mllama.py)
+        return "mllama"
     if config.connector.name in MODEL_TYPES:
         return MODEL_TYPES[config.connector.name]
     if config.connector.name == "qformer":  # BLIP-2 family (interop/hf/blip2.py)

@@ -4,7 +4,7 @@
 ``num_tokens(n_vis) -> n_tok``. Add one: a file in this folder and one line below.
 """
 
-from vlmlab.models.connectors.mlp import linear, mlp2x_gelu
+from vlmlab.models.connectors.mlp import GLUProjector, Identity, linear, mlp2x_gelu
 from vlmlab.models.connectors.perceiver import FlamingoPerceiver, Idefics2Perceiver
 from vlmlab.models.connectors.pixel_shuffle import DownsampleMLP, Idefics3Connector, PixelShuffleMLP
 from vlmlab.models.connectors.qformer import qformer
@@ -14,6 +14,8 @@ from vlmlab.registry import Registry
 CONNECTORS = Registry("connector")
 CONNECTORS["linear"] = linear
 CONNECTORS["mlp2x_gelu"] = mlp2x_gelu
+CONNECTORS["identity"] = Identity
+CONNECTORS["glu"] = GLUProjector
 CONNECTORS["qwen_vl_adapter"] = qwen_vl_adapter
 CONNECTORS["minicpm_resampler"] = minicpm_resampler
 CONNECTORS["perceiver"] = FlamingoPerceiver

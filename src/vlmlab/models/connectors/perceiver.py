@@ -1,7 +1,7 @@
 """Perceiver resamplers: a fixed number of learned latents cross-attend to any number of visual tokens (SYSTEMS.md
 §0 ``QueryResampler``, §21). (Idefics3's connector is a pixel shuffle: ``pixel_shuffle.py``.)
 
-One ``PerceiverResampler`` covers both references:
+One ``PerceiverResampler`` covers the three references:
 
 - Flamingo (mlfoundations/open_flamingo ``src/helpers.py`` ``PerceiverResampler``): 64 latents (randn), depth 6,
   8 heads x 64, LayerNorm on media and latents, K/V = concat(media, latents), a residual FF (LN, Linear x4, GELU,
@@ -9,10 +9,12 @@ One ``PerceiverResampler`` covers both references:
   ``[B, T, F, v, D]``; the output is ``[B, T, n_latents, D]``.
 - Idefics2 (transformers ``Idefics2PerceiverResampler``): RMSNorm, grouped key/value heads, a SwiGLU MLP x4,
   latents initialised to ones, no time embeddings, and a mask over padded patches.
+- Idefics (v1, transformers ``IdeficsPerceiverResampler``): Flamingo's, with a ReLU FF (``ff="relu"``) and
+  optionally a LayerNorm on each query and key head (``qk_norm``, its ``qk_layer_norms_perceiver``).
 
 Connectors built on it (``CONNECTORS``): ``perceiver`` (Flamingo's resampler at the tower's width, then a Linear to the
-LM width) and ``idefics2_perceiver`` (Idefics2's ``modality_projection`` SwiGLU MLP to the LM width, then the
-resampler).
+LM width, or none with ``project=False``: Idefics) and ``idefics2_perceiver`` (Idefics2's ``modality_projection``
+SwiGLU MLP to the LM width, then the resampler).
 Parameter names follow transformers' Idefics2 modules, so checkpoints map by whole prefixes.
 """
 
@@ -24,14 +26,17 @@ from torch import nn
 from vlmlab.errors import ConfigError, SampleError
 from vlmlab.models.layers import NORMS, CrossAttention, GeluFF, SwiGLU, norm_layer
 
-FFS = ("gelu", "swiglu")
+FFS = ("gelu", "relu", "swiglu")
 
 
 class PerceiverAttention(CrossAttention):
-    """Latents (queries) attend to K/V = concat(media, latents); ``kv_heads`` < ``heads`` shares K/V heads (GQA)."""
+    """Latents (queries) attend to K/V = concat(media, latents); ``kv_heads`` < ``heads`` shares K/V heads (GQA);
+    ``qk_norm`` normalises each query and key head with a ``norm`` layer."""
 
-    def __init__(self, dim: int, heads: int, dim_head: int, kv_heads: int):
-        super().__init__(dim, dim, heads, dim_head, kv_heads)
+    def __init__(
+        self, dim: int, heads: int, dim_head: int, kv_heads: int, qk_norm=False, norm="rmsnorm", eps=1e-6
+    ):
+        super().__init__(dim, dim, heads, dim_head, kv_heads, qk_norm, eps, qk_norm_kind=norm)
 
     def forward(self, latents: torch.Tensor, media: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """``latents`` [B, n, D], ``media`` [B, N, D], ``mask`` [B, N] (True = attend) or None -> [B, n, D]."""
@@ -44,13 +49,15 @@ class PerceiverAttention(CrossAttention):
 
 
 class PerceiverLayer(nn.Module):
-    def __init__(self, dim, heads, dim_head, kv_heads, ff, ff_mult, norm, eps, act):
+    def __init__(self, dim, heads, dim_head, kv_heads, ff, ff_mult, norm, eps, act, qk_norm):
         super().__init__()
         self.input_latents_norm = norm_layer(norm, dim, eps)
         self.input_context_norm = norm_layer(norm, dim, eps)
-        self.self_attn = PerceiverAttention(dim, heads, dim_head, kv_heads)
+        self.self_attn = PerceiverAttention(dim, heads, dim_head, kv_heads, qk_norm, norm, eps)
         self.post_attention_layernorm = norm_layer(norm, dim, eps)
-        self.mlp = SwiGLU(dim, dim * ff_mult, dim, act) if ff == "swiglu" else GeluFF(dim, dim * ff_mult)
+        self.mlp = (
+            SwiGLU(dim, dim * ff_mult, dim, act) if ff == "swiglu" else GeluFF(dim, dim * ff_mult, act=ff)
+        )
 
     def forward(self, latents, media, mask):
         latents = latents + self.self_attn(
@@ -63,7 +70,8 @@ class PerceiverResampler(nn.Module):
     """``[B, N, D]`` -> ``[B, n_latents, D]``, or media ``[B, T, F, v, D]`` -> ``[B, T, n_latents, D]``.
 
     Defaults are Flamingo's (randn latents, LayerNorm, GELU FF x4, time embeddings when ``max_num_media`` is set);
-    ``norm="rmsnorm", ff="swiglu", latents_init="ones", kv_heads=...`` is Idefics2's resampler. ``mask``
+    ``norm="rmsnorm", ff="swiglu", latents_init="ones", kv_heads=...`` is Idefics2's resampler, ``ff="relu"`` (and
+    ``qk_norm``: per-head query/key norms of the ``norm`` kind) Idefics' (v1). ``mask``
     ([B, N] or [B, T, F*v], True = a real patch) hides padded patches from the latents."""
 
     def __init__(
@@ -82,6 +90,7 @@ class PerceiverResampler(nn.Module):
         latents_init: str = "randn",
         max_num_media: int | None = None,
         max_num_frames: int | None = None,
+        qk_norm: bool = False,
     ):
         super().__init__()
         if norm not in NORMS:
@@ -96,7 +105,7 @@ class PerceiverResampler(nn.Module):
         self.media_time_embs = nn.Parameter(torch.randn(max_num_media, 1, dim)) if max_num_media else None
         self.frame_embs = nn.Parameter(torch.randn(max_num_frames, dim)) if max_num_frames else None
         self.layers = nn.ModuleList(
-            PerceiverLayer(dim, heads, dim_head, kv_heads or heads, ff, ff_mult, norm, eps, act)
+            PerceiverLayer(dim, heads, dim_head, kv_heads or heads, ff, ff_mult, norm, eps, act, qk_norm)
             for _ in range(depth)
         )
         self.norm = norm_layer(norm, dim, eps)
@@ -141,12 +150,18 @@ def patch_mask(pixel_attention_mask: torch.Tensor, patch_size: int, rule: str = 
 
 class FlamingoPerceiver(nn.Module):
     """``perceiver``: Flamingo's resampler at the tower's width, then a Linear to the LM width.
-    ``[B, N, D_vis] -> [B, n_latents, D_lm]`` (one media, one frame per view)."""
+    ``[B, N, D_vis] -> [B, n_latents, D_lm]`` (one media, one frame per view). ``project=False`` (Idefics: the gated
+    blocks read the resampler's output at the tower's width) has no Linear, and ``out_dim`` must be ``in_dim``."""
 
-    def __init__(self, in_dim: int, out_dim: int, **params):
+    def __init__(self, in_dim: int, out_dim: int, project: bool = True, **params):
         super().__init__()
+        if not project and out_dim != in_dim:
+            raise ConfigError(
+                f"perceiver: project=False outputs the tower's width {in_dim}, but {out_dim} is asked "
+                f"(fusion.cross.media_dim)"
+            )
         self.perceiver = PerceiverResampler(in_dim, **params)
-        self.proj = nn.Linear(in_dim, out_dim)
+        self.proj = nn.Linear(in_dim, out_dim) if project else None
 
     def num_tokens(self, n_vis: int) -> int:
         return self.perceiver.n_latents
@@ -156,7 +171,7 @@ class FlamingoPerceiver(nn.Module):
             x = self.perceiver(x[:, None, None]).squeeze(1)
         else:
             x = self.perceiver(x)
-        return self.proj(x)
+        return x if self.proj is None else self.proj(x)
 
 
 class Idefics2Perceiver(nn.Module):

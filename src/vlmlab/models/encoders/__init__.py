@@ -8,16 +8,20 @@ from vlmlab.models.encoders.blip_vit import BlipViTTower
 from vlmlab.models.encoders.convnet import ConvNetTower
 from vlmlab.models.encoders.efficientnet import EfficientNetTower
 from vlmlab.models.encoders.hf_vit import CLIPTower, SiglipTower
+from vlmlab.models.encoders.idefics1_vit import Idefics1ViTTower
 from vlmlab.models.encoders.idefics_vit import Idefics2ViTTower, Idefics3ViTTower
 from vlmlab.models.encoders.internvit import InternViTTower
+from vlmlab.models.encoders.mllama_vit import MllamaViTTower
 from vlmlab.registry import Registry
 
 ENCODERS = Registry("vision encoder")
 ENCODERS["clip"] = CLIPTower
 ENCODERS["siglip"] = SiglipTower
+ENCODERS["idefics_vit"] = Idefics1ViTTower
 ENCODERS["idefics2_vit"] = Idefics2ViTTower
 ENCODERS["idefics3_vit"] = Idefics3ViTTower
 ENCODERS["convnet"] = ConvNetTower
 ENCODERS["efficientnet-lite0"] = EfficientNetTower
 ENCODERS["blip_vit"] = BlipViTTower
 ENCODERS["internvit"] = InternViTTower
+ENCODERS["mllama_vit"] = MllamaViTTower

@@ -22,9 +22,11 @@ units per sample -- images, or tiles -- of ``M`` tokens each, zero-padded) and `
 token at sequence position ``l`` sees unit ``u``) for sequence positions ``0 .. L-1``; positions ``>= L`` (generated
 tokens) see what position ``L - 1`` sees. As with ``routing.py``, a decoder pre-hook slices the rows of the tokens of
 each forward from the KV cache's length. Each block's keys and values are computed from the features once per
-``media`` block (cached through generation; they do not depend on the text). A row that sees no unit attends to
-nothing: its attention output is zeroed (``empty_rows="zero_attn"``: Flamingo, Idefics), or -- transformers'
-Mllama -- it attends to every unit and its FF output is zeroed instead (``"zero_ff"``).
+``media`` block (cached through generation; they do not depend on the text). An optional ``valid`` ``[B, U, M]``
+(True = a real feature row) hides padded rows of a unit (transformers' Mllama: the padding tiles of an image) from
+the tokens that see the unit. A row that sees no (valid) feature row attends to nothing: its attention output is
+zeroed (``empty_rows="zero_attn"``: Flamingo, Idefics), or -- transformers' Mllama -- it attends to every row,
+padding included, and its FF output is zeroed instead (``"zero_ff"``).
 """
 
 from __future__ import annotations
@@ -157,6 +159,7 @@ class MediaState:
     def __init__(self) -> None:
         self.features: torch.Tensor | None = None  # [B, U * M, D_media]
         self.mask: torch.Tensor | None = None  # [B, L, U] bool
+        self.valid: torch.Tensor | None = None  # [B, U * M] bool, or None: every row is real
         self.per_unit = 1  # M
         self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # block id -> keys, values
         self.bias: torch.Tensor | None = None  # [B, 1, T, U * M] for the current forward
@@ -173,10 +176,12 @@ class MediaState:
         if mask.shape[1] < length:  # generated tokens see what the last prompt token sees
             last = self.mask[:, -1:].expand(-1, length - mask.shape[1], -1)
             mask = torch.cat([mask, last], dim=1)
-        rows = mask.any(-1, keepdim=True)  # [B, T, 1]
-        # A row that sees nothing attends to every unit (finite softmax; its output is zeroed per empty_rows).
-        mask = mask | ~rows
         mask = mask.repeat_interleave(self.per_unit, dim=2)  # [B, T, U * M]
+        if self.valid is not None:
+            mask = mask & self.valid[:, None]
+        rows = mask.any(-1, keepdim=True)  # [B, T, 1]
+        # A row that sees nothing attends to every row (finite softmax; its output is zeroed per empty_rows).
+        mask = mask | ~rows
         bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
         self.bias = bias.masked_fill(~mask, torch.finfo(dtype).min)[:, None]
         self.rows = rows.to(dtype)
@@ -253,12 +258,16 @@ def apply_cross_attention(decoder: nn.Module, blocks: dict[int, CrossAttentionBl
 
 @contextlib.contextmanager
 def media(
-    decoder: nn.Module, features: torch.Tensor | None, mask: torch.Tensor | None = None
+    decoder: nn.Module,
+    features: torch.Tensor | None,
+    mask: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
 ) -> Iterator[MediaState]:
     """Run every forward of ``decoder`` inside the block with ``features`` ``[B, U, M, D_media]`` seen per
-    ``mask`` ``[B, L, U]`` (None: every token sees every unit). ``features=None``: the base decoder."""
+    ``mask`` ``[B, L, U]``; ``valid`` ``[B, U, M]`` bool marks the real rows of each unit (None: all are).
+    ``features=None``: the base decoder."""
     state = _state_of(decoder)
-    saved = (state.features, state.mask, state.per_unit, state.kv)
+    saved = (state.features, state.mask, state.valid, state.per_unit, state.kv)
     if features is not None:
         if features.dim() != 4:
             raise SampleError(f"media features must be [B, U, M, D], got {list(features.shape)}")
@@ -270,14 +279,20 @@ def media(
                 f"media mask must be a [B, L, U] = [{b}, L, {u}] bool tensor, got {mask.dtype} "
                 f"{list(mask.shape)}"
             )
+        if valid is not None and (valid.shape != (b, u, m) or valid.dtype != torch.bool):
+            raise SampleError(
+                f"media valid must be a [B, U, M] = [{b}, {u}, {m}] bool tensor, got {valid.dtype} "
+                f"{list(valid.shape)}"
+            )
         state.features, state.mask, state.per_unit = features.flatten(1, 2), mask, m
+        state.valid = valid.flatten(1) if valid is not None else None
     else:
-        state.features, state.mask = None, None
+        state.features, state.mask, state.valid = None, None, None
     state.kv = {}
     try:
         yield state
     finally:
-        state.features, state.mask, state.per_unit, state.kv = saved
+        state.features, state.mask, state.valid, state.per_unit, state.kv = saved
         state.bias = state.rows = None
         state.residual = None
 
