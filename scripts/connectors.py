@@ -102,16 +102,26 @@ def table(results: list[dict]) -> str:
     return "\n".join(rows) + "\n\naccuracy (blind accuracy: the same questions on blank images)"
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=Path("runs/connectors"))
+def comparison_arguments(doc: str, out: str, candidates, max_new_tokens: int) -> argparse.ArgumentParser:
+    """The command line every comparison script shares: presets, equal steps, the world's size."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=Path(out))
     ap.add_argument("--steps", type=int, default=1000, help="optimizer steps of every preset (equal for all)")
-    ap.add_argument("--presets", default=",".join(CANDIDATES), help="comma-separated presets to compare")
+    ap.add_argument("--presets", default=",".join(candidates), help="comma-separated presets to compare")
     ap.add_argument("--n-train", type=int, default=2000, help="training records per task")
     ap.add_argument("--n-test", type=int, default=200, help="test records per task")
     ap.add_argument("--n-captions", type=int, default=4000, help="caption records")
-    ap.add_argument("--max-new-tokens", type=int, default=48, help="generation length in evaluation (boxes)")
+    ap.add_argument(
+        "--max-new-tokens", type=int, default=max_new_tokens, help="generation length in evaluation"
+    )
     ap.add_argument("--seed", type=int, default=0)
+    return ap
+
+
+def comparison_setup(
+    ap: argparse.ArgumentParser, argv, extra_tasks=()
+) -> tuple[argparse.Namespace, list, Path]:
+    """Parsed arguments, the preset names (unknown ones refused) and the world, built under ``--out``."""
     args = ap.parse_args(argv)
     names = [n for n in args.presets.split(",") if n]
     unknown = [n for n in names if n not in PRESETS]
@@ -123,8 +133,14 @@ def main(argv=None) -> int:
         seed=args.seed,
         n_per_task={"train": args.n_train, "val": 0, "test": args.n_test},
         n_captions={"train": args.n_captions, "val": 0, "test": 0},
-        extra_tasks=(GROUND,),
+        extra_tasks=extra_tasks,
     )
+    return args, names, world
+
+
+def main(argv=None) -> int:
+    ap = comparison_arguments(__doc__, "runs/connectors", CANDIDATES, max_new_tokens=48)
+    args, names, world = comparison_setup(ap, argv, extra_tasks=(GROUND,))
     results = []
     for name in names:
         print(f"training {name} for {args.steps} steps", flush=True)

@@ -13,19 +13,17 @@ what the same measure does when the LLM is not frozen. Writes ``results.json`` a
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
 from pathlib import Path
 
 import torch
-from connectors import scaled_recipe
+from connectors import comparison_arguments, comparison_setup, scaled_recipe
 from PIL import Image
 
 from vlmlab.api import build
 from vlmlab.data.dataset import load_stage_records
-from vlmlab.data.world import build_world
 from vlmlab.evaluation.evaluate import evaluate
 from vlmlab.io import atomic_write_json
 from vlmlab.presets import PRESETS
@@ -115,27 +113,8 @@ def table(results: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=Path("runs/fusion"))
-    ap.add_argument("--steps", type=int, default=1000, help="optimizer steps of every preset (equal for all)")
-    ap.add_argument("--presets", default=",".join(CANDIDATES), help="comma-separated presets")
-    ap.add_argument("--n-train", type=int, default=2000, help="training records per task")
-    ap.add_argument("--n-test", type=int, default=200, help="test records per task")
-    ap.add_argument("--n-captions", type=int, default=4000, help="caption records")
-    ap.add_argument("--max-new-tokens", type=int, default=16)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    names = [n for n in args.presets.split(",") if n]
-    unknown = [n for n in names if n not in PRESETS]
-    if unknown:
-        ap.error(f"unknown preset(s) {unknown}; valid: {sorted(PRESETS)}")
-    world = args.out / "world"
-    build_world(
-        world,
-        seed=args.seed,
-        n_per_task={"train": args.n_train, "val": 0, "test": args.n_test},
-        n_captions={"train": args.n_captions, "val": 0, "test": 0},
-    )
+    ap = comparison_arguments(__doc__, "runs/fusion", CANDIDATES, max_new_tokens=16)
+    args, names, world = comparison_setup(ap, argv)
     results = []
     for name in names:
         print(f"training {name} for {args.steps} steps", flush=True)
