@@ -138,6 +138,13 @@ def comparison_setup(
     return args, names, world
 
 
+def save_results(args: argparse.Namespace, results: list[dict]) -> None:
+    """``results.json`` under ``--out`` with the settings, rewritten (atomically) after every preset."""
+    atomic_write_json(
+        args.out / "results.json", {"settings": {**vars(args), "out": str(args.out)}, "results": results}
+    )
+
+
 def main(argv=None) -> int:
     ap = comparison_arguments(__doc__, "runs/connectors", CANDIDATES, max_new_tokens=48)
     args, names, world = comparison_setup(ap, argv, extra_tasks=(GROUND,))
@@ -148,9 +155,7 @@ def main(argv=None) -> int:
         accs = ", ".join(f"{t} {v['accuracy']:.2f}/{v['blind_accuracy']:.2f}" for t, v in r["tasks"].items())
         print(f"  {r['train_seconds']} s, {r['samples_per_s']} samples/s: {accs}", flush=True)
         results.append(r)
-        atomic_write_json(
-            args.out / "results.json", {"settings": {**vars(args), "out": str(args.out)}, "results": results}
-        )
+        save_results(args, results)
     print(table(results))
     return 0
 

@@ -19,13 +19,12 @@ import time
 from pathlib import Path
 
 import torch
-from connectors import comparison_arguments, comparison_setup, scaled_recipe
+from connectors import comparison_arguments, comparison_setup, save_results, scaled_recipe
 from PIL import Image
 
 from vlmlab.api import build
 from vlmlab.data.dataset import load_stage_records
 from vlmlab.evaluation.evaluate import evaluate
-from vlmlab.io import atomic_write_json
 from vlmlab.presets import PRESETS
 from vlmlab.training.trainer import Trainer, TrainOptions, seed_everything
 
@@ -126,9 +125,7 @@ def main(argv=None) -> int:
             flush=True,
         )
         results.append(r)
-        atomic_write_json(
-            args.out / "results.json", {"settings": {**vars(args), "out": str(args.out)}, "results": results}
-        )
+        save_results(args, results)
     print(table(results))
     return 0
 

@@ -125,6 +125,22 @@ def _hf(hf: dict):
         raise ConfigError(f"mllama: config.json: {' '.join(str(e).split())}") from None
 
 
+# Text-config fields with the same name and meaning in Mllama's text config and the Llama decoder's.
+SAME_TEXT_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "hidden_act",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "initializer_range",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+)
+
+
 def config_from_hf(hf: dict, preprocessor: dict | None = None) -> ModelConfig:
     cfg = _hf(hf)
     t, v = cfg.text_config, cfg.vision_config
@@ -138,21 +154,11 @@ def config_from_hf(hf: dict, preprocessor: dict | None = None) -> ModelConfig:
     places = _places(t.num_hidden_layers, cross)
     llama = dict(
         vocab_size=t.vocab_size + EXTRA_EMBEDDINGS,
-        hidden_size=t.hidden_size,
-        intermediate_size=t.intermediate_size,
         num_hidden_layers=t.num_hidden_layers - len(places),
-        num_attention_heads=t.num_attention_heads,
-        num_key_value_heads=t.num_key_value_heads,
-        hidden_act=t.hidden_act,
-        max_position_embeddings=t.max_position_embeddings,
-        rms_norm_eps=t.rms_norm_eps,
         rope_parameters=dict(t.rope_parameters),
-        initializer_range=t.initializer_range,
         attention_dropout=t.dropout,
         tie_word_embeddings=False,
-        bos_token_id=t.bos_token_id,
-        eos_token_id=t.eos_token_id,
-        pad_token_id=t.pad_token_id,
+        **{k: getattr(t, k) for k in SAME_TEXT_FIELDS},
     )
     pre = preprocessor or {}
     size = (pre.get("size") or {}).get("height", v.image_size)
@@ -253,22 +259,12 @@ def export_config(model) -> dict:
     _, cross_at = _stack(lc.num_hidden_layers, places)
     text = dict(
         vocab_size=lc.vocab_size - EXTRA_EMBEDDINGS,
-        hidden_size=lc.hidden_size,
-        intermediate_size=lc.intermediate_size,
         num_hidden_layers=lc.num_hidden_layers + len(places),
-        num_attention_heads=lc.num_attention_heads,
-        num_key_value_heads=lc.num_key_value_heads,
-        hidden_act=lc.hidden_act,
-        max_position_embeddings=lc.max_position_embeddings,
-        rms_norm_eps=lc.rms_norm_eps,
         rope_parameters=dict(lc.rope_parameters),
-        initializer_range=lc.initializer_range,
         dropout=lc.attention_dropout,
         tie_word_embeddings=False,
         cross_attention_layers=sorted(cross_at.values()),
-        bos_token_id=lc.bos_token_id,
-        eos_token_id=lc.eos_token_id,
-        pad_token_id=lc.pad_token_id,
+        **{k: getattr(lc, k) for k in SAME_TEXT_FIELDS},
     )
     vision = {"image_size": cfg.vision.image_size, **cfg.vision.params}
     d = MllamaConfig(vision_config=vision, text_config=text, image_token_index=cfg.image_token_id).to_dict()
