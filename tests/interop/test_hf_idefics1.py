@@ -205,9 +205,14 @@ def test_bad_checkpoints_and_configs_fail_with_one_line(tmp_path):
     config = json.loads((path / "config.json").read_text())
     del config["image_token_index"]
     (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ConfigError, match="no image_token_index") as e:
+    with pytest.raises(ConfigError, match="image_token_index") as e:
         vlmlab.from_pretrained(path)
     assert "\n" not in str(e.value)
+    # A real checkpoint keeps the id in its tokenizer: read from tokenizer_config.json's added tokens.
+    added = {str(IMAGE): {"content": "<image>", "special": True}}
+    (path / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": added}))
+    save_file(weights, str(path / "model.safetensors"))
+    assert vlmlab.from_pretrained(path).config.image_token_id == IMAGE
     # A model transformers' Idefics cannot express refuses to export, naming the field.
     cfg = ours.config
     cfg.fusion.cross.reset_token_id = -1

@@ -7,7 +7,8 @@ share one module.
 Key maps are declarative and loading fails loudly on missing, unexpected or mis-shaped tensors. Optional:
 ``extra_tensors(path, hf_config, tensors)`` (tensors stored beside the checkpoint), ``import_tensors(tensors,
 hf_config)`` / ``export_tensors(state, model)`` (tensors that are not a rename: split, concatenated or renumbered,
-before the import's renaming and after the export's), ``export_drops(key)`` (vlmlab-only tensors).
+before the import's renaming and after the export's), ``export_drops(key)`` (vlmlab-only tensors), ``config_extras(path, hf_config) -> dict`` (settings kept beside
+``config.json``, merged into it before ``config_from_hf``).
 """
 
 from vlmlab.interop.hf import idefics1, internvl, llava, mllama

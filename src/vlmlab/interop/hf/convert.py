@@ -64,6 +64,8 @@ def import_hf(path: str | os.PathLike, formats) -> object:
     path = Path(path)
     hf_config = json.loads((path / CONFIG).read_text())
     fmt = formats[hf_config["model_type"]]
+    if hasattr(fmt, "config_extras"):  # settings kept beside config.json (e.g. a token id in the tokenizer)
+        hf_config = {**hf_config, **fmt.config_extras(path, hf_config)}
     pre = path / "preprocessor_config.json"
     preprocessor = json.loads(pre.read_text()) if pre.is_file() else None
     model = VisionLanguageModel(fmt.config_from_hf(hf_config, preprocessor), load_pretrained=False)

@@ -35,6 +35,7 @@ one of the additional tokens after it.
 
 from __future__ import annotations
 
+import json
 import re
 
 import torch
@@ -55,6 +56,7 @@ from vlmlab.errors import CheckpointError, ConfigError
 
 TOWER = "idefics_vit"
 FAKE_TOKEN = "<fake_token_around_image>"
+IMAGE_TOKEN = "<image>"
 ARCHITECTURE = "IdeficsForVisionText2Text"
 
 # Whole-prefix renames. The perceiver's and the gated blocks' tensors are renamed (and the blocks renumbered) by
@@ -135,13 +137,24 @@ def _eos(c) -> int:
 
 
 # -- import ---------------------------------------------------------------------------------------------------------
+def config_extras(path, hf: dict) -> dict:
+    """``image_token_index`` from the tokenizer beside the checkpoint (where transformers keeps the id of
+    ``<image>``) when ``config.json`` lacks it: ``tokenizer_config.json``'s added tokens."""
+    tok = path / "tokenizer_config.json"
+    if "image_token_index" in hf or not tok.is_file():
+        return {}
+    added = json.loads(tok.read_text()).get("added_tokens_decoder", {})
+    ids = [int(i) for i, t in added.items() if t.get("content") == IMAGE_TOKEN]
+    return {"image_token_index": ids[0]} if ids else {}
+
+
 def config_from_hf(hf: dict, preprocessor: dict | None = None) -> ModelConfig:
     c = _hf_config(hf)
     image_token_id = hf.get("image_token_index")
     if image_token_id is None:
         raise ConfigError(
-            "idefics: config.json has no image_token_index (transformers keeps the id of '<image>' in the "
-            "tokenizer): add it to config.json"
+            f"idefics: neither config.json nor tokenizer_config.json gives the id of {IMAGE_TOKEN!r} "
+            "(image_token_index)"
         )
     if c.hidden_act != "silu":
         raise ConfigError(
