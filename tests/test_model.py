@@ -86,6 +86,19 @@ ENCODER_CONFIGS = {
             "num_attention_heads": 4,
         },
     ),
+    "idefics_vit": VisionConfig(
+        name="idefics_vit",
+        image_size=32,
+        select_layer=-1,
+        select_feature="cls_patch",
+        params={
+            "patch_size": 8,
+            "embed_dim": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+        },
+    ),
     "convnet": VisionConfig(name="convnet", image_size=32, params={"channels": [8, 16], "pool": 2}),
     "efficientnet-lite0": VisionConfig(name="efficientnet-lite0", image_size=64),
 }
@@ -93,7 +106,9 @@ ENCODER_CONFIGS = {
 
 # Connectors that merge (or position) a square token grid, and the table's towers whose tokens are not one (a CLS row kept).
 GRID_CONNECTORS = {"pixel_shuffle_mlp", "mlp_downsample", "idefics3", "qwen_vl_adapter", "minicpm_resampler"}
-CLS_TOWERS = {"blip_vit"}
+CLS_TOWERS = {"blip_vit", "idefics_vit"}
+# Towers that need more than pixels (Mllama's aspect-ratio ids and tile mask): tested with transformers' batches.
+TESTED_ELSEWHERE = {"mllama_vit": "tests/interop/test_hf_mllama.py"}
 
 
 def conversation(q="What color is the shape?", a="red", n_images=1):
@@ -101,7 +116,7 @@ def conversation(q="What color is the shape?", a="red", n_images=1):
 
 
 def test_every_encoder_is_covered_by_the_test_table():
-    assert set(ENCODERS) == set(ENCODER_CONFIGS)
+    assert set(ENCODERS) == set(ENCODER_CONFIGS) | set(TESTED_ELSEWHERE)
 
 
 @pytest.mark.parametrize("name", sorted(ENCODER_CONFIGS))
@@ -113,6 +128,10 @@ def test_every_registry_entry_builds_and_runs(tokenizer, name, connector):
         # A space-to-channel merge needs a square grid: a tower that keeps its CLS row is refused when the model
         # is built, naming the problem (never a shape error at the first forward).
         with pytest.raises(ConfigError, match="square"):
+            build()
+        return
+    if connector == "identity" and ENCODERS[name](ENCODER_CONFIGS[name]).hidden_size != LLAMA["hidden_size"]:
+        with pytest.raises(ConfigError, match="identity connector"):  # it cannot change the width
             build()
         return
     model, proc = build()

@@ -32,6 +32,10 @@ class VisionConfig:
     """Architecture numbers passed to the tower's builder (e.g. a transformers vision config's fields)."""
     pretrained: str | None = None
     """Where real weights come from (a directory, or a name the tower knows); ``None`` = random init."""
+    image_mean: tuple[float, float, float] | None = None
+    """The normalisation this tower expects, when it differs from the processor's (a tower of
+    ``ModelConfig.extra_vision``: its view is re-normalised); None = the processor's."""
+    image_std: tuple[float, float, float] | None = None
 
 
 @dataclass
@@ -220,6 +224,9 @@ class ModelConfig:
     image_positions: str = "sequential"
     """RoPE positions of image tokens: ``sequential`` (one each, LLaVA) or ``shared`` (CogVLM: every token of one
     image takes the position of its first, and the text after it continues from there)."""
+    extra_vision: list[VisionConfig] = field(default_factory=list)
+    """More towers on the same image (Mini-Gemini, Cambrian-1; ``models/encoders/multi.py``): each reads the
+    processor's view resized to its own ``image_size``."""
     fusion: FusionConfig | None = None
     """Deep fusion inside the decoder: routed layers (CogVLM, XComposer2) and/or cross-attention (Flamingo,
     CogAgent); ``None``: the decoder is the LLM as it is."""
@@ -264,6 +271,11 @@ def from_dict(cls: type, d: Any, where: str) -> Any:
             value = from_dict(sub, value, f"{where}.{name}")
         elif value is not None and (cls, name) in _OPTIONAL_DATACLASS_FIELDS:
             value = from_dict(_OPTIONAL_DATACLASS_FIELDS[(cls, name)], value, f"{where}.{name}")
+        elif (cls, name) in _LIST_DATACLASS_FIELDS:
+            if not isinstance(value, list):
+                raise ConfigError(f"{where}.{name}: expected a list, got {type(value).__name__}")
+            sub = _LIST_DATACLASS_FIELDS[(cls, name)]
+            value = [from_dict(sub, v, f"{where}.{name}[{i}]") for i, v in enumerate(value)]
         elif isinstance(value, list) and name in ("image_mean", "image_std"):
             value = tuple(value)
         kwargs[name] = value
@@ -287,3 +299,5 @@ _OPTIONAL_DATACLASS_FIELDS = {
     (FusionConfig, "cross"): CrossAttentionConfig,
     (CrossAttentionConfig, "vision"): VisionConfig,
 }
+# Fields that hold a list of dataclasses.
+_LIST_DATACLASS_FIELDS = {(ModelConfig, "extra_vision"): VisionConfig}

@@ -50,6 +50,13 @@ class VisionLanguageModel(nn.Module):
             config.vision if load_pretrained else dataclasses.replace(config.vision, pretrained=None)
         )
         self.vision = ENCODERS[config.vision.name](vision_config)
+        self.extra_vision = nn.ModuleList(
+            ENCODERS[c.name](c if load_pretrained else dataclasses.replace(c, pretrained=None))
+            for c in config.extra_vision
+        )
+        for c, tower in zip(config.extra_vision, self.extra_vision):
+            if hasattr(tower, "architecture_params"):
+                c.params = tower.architecture_params()
         self.language = build_language_model(config.language, load_pretrained)
         # Record full architectures so the checkpoint rebuilds without the pretrained sources.
         if config.image_positions not in IMAGE_POSITIONS:
@@ -69,16 +76,23 @@ class VisionLanguageModel(nn.Module):
         cross = config.fusion.cross if config.fusion is not None else None
         self.gated = cross is not None and cross.kind == "gated"
         """Flamingo-style: images reach the decoder only through gated cross-attention, not as tokens."""
+        towers = [self.vision, *self.extra_vision]
+        self.multi_encoder = getattr(CONNECTORS[config.connector.name], "multi_encoder", False)
+        """The connector takes every tower's features (a list); else extra towers are concatenated on the grid."""
+        if self.multi_encoder:
+            in_dim, n_vis = [t.hidden_size for t in towers], [t.num_tokens for t in towers]
+        else:
+            in_dim, n_vis = sum(t.hidden_size for t in towers), self.vision.num_tokens
         self.connector = CONNECTORS[config.connector.name](
-            self.vision.hidden_size,
-            (cross.media_dim or d_lm) if self.gated else d_lm,
-            **config.connector.params,
+            in_dim, (cross.media_dim or d_lm) if self.gated else d_lm, **config.connector.params
         )
         self.config = config
-        self.num_media_tokens = self.connector.num_tokens(self.vision.num_tokens)
+        self.num_media_tokens = self.connector.num_tokens(n_vis)
         """Feature rows of one view (one image, tile or frame)."""
         self.num_image_tokens = 1 if self.gated else self.num_media_tokens
         """Placeholder tokens of one view in the text (a gated cross-attention model writes one ``<image>``)."""
+        if self.extra_vision and config.processor.video is not None:
+            raise ConfigError("extra_vision: videos are encoded by the primary tower only (no extra towers)")
         if self.gated and (config.processor.anyres or config.processor.tiler or config.processor.video):
             raise ConfigError(
                 "gated cross-attention models take one view per image (no anyres, tiler or video)"
@@ -178,6 +192,8 @@ class VisionLanguageModel(nn.Module):
         if part == "fusion":
             return list(self.fusion_params)
         params = list(getattr(self, part).parameters())
+        if part == "vision":
+            params += list(self.extra_vision.parameters())
         if part == "language" and self.fusion_params:
             fusion = {id(p) for p in self.fusion_params}
             params = [p for p in params if id(p) not in fusion]
@@ -289,8 +305,23 @@ class VisionLanguageModel(nn.Module):
 
         ``extra`` holds the other inputs some parts take, each handed to the part that names it in its
         ``extra_inputs`` (e.g. a tower's ``pixel_attention_mask``, InstructBLIP's ``qformer_input_ids``)."""
-        feats = self.vision(pixel_values, **_inputs_of(self.vision, extra))
+        feats = self.tower_features(pixel_values, **extra)
         return self.connector(feats, **_inputs_of(self.connector, extra))
+
+    def tower_features(self, pixel_values: torch.Tensor, **extra) -> torch.Tensor | list[torch.Tensor]:
+        """The tower's ``[N, N_vis, D_vis]``; with ``extra_vision``, every tower on its own view of the images:
+        a list for a multi-encoder connector, else concatenated on the primary's grid (``encoders/multi.py``)."""
+        if not self.extra_vision and not self.multi_encoder:
+            return self.vision(pixel_values, **_inputs_of(self.vision, extra))
+        from vlmlab.models.encoders.multi import concat_on_grid, tower_view
+
+        proc = self.config.processor
+        configs = [self.config.vision, *self.config.extra_vision]
+        towers = [self.vision, *self.extra_vision]
+        feats = [
+            t(tower_view(pixel_values, proc, c), **_inputs_of(t, extra)) for t, c in zip(towers, configs)
+        ]
+        return feats if self.multi_encoder else concat_on_grid(feats)
 
     def image_features(
         self,
