@@ -130,6 +130,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    if args.cvbench:
+        _eval_cvbench(args)
+        return
     from vlmlab.api import load
     from vlmlab.data.dataset import load_stage_records
     from vlmlab.evaluation.evaluate import evaluate, markdown_table, write_results
@@ -143,6 +146,22 @@ def cmd_eval(args: argparse.Namespace) -> None:
     write_results(result, rows, out)
     print(markdown_table(result), end="")
     print(f"results: {out / 'eval.json'}")
+
+
+def _eval_cvbench(args: argparse.Namespace) -> None:
+    from vlmlab.api import load
+    from vlmlab.evaluation import cvbench
+
+    items = cvbench.read_cvbench(args.cvbench)  # a bad record fails before the model loads
+    if args.limit:
+        items = items[: args.limit]
+    model, processor = load(args.checkpoint)
+    result, rows = cvbench.evaluate_cvbench(
+        model, processor, items, rule=args.answer_rule, blind_baseline=not args.no_blind
+    )
+    path = cvbench.write_cvbench_results(result, rows, Path(args.out or args.checkpoint))
+    print(cvbench.markdown_table(result), end="")
+    print(f"results: {path}")
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -313,13 +332,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_train)
 
-    s = sub.add_parser("eval", help="accuracy per task with the blind (blank-image) baseline")
+    s = sub.add_parser(
+        "eval",
+        help="accuracy per task with the blind (blank-image) baseline, or a CV-Bench file's score (--cvbench)",
+    )
     s.add_argument("--checkpoint", required=True, help="a model directory or training checkpoint")
     s.add_argument("--data", default=None, help="data root (split file is relative to it)")
     s.add_argument("--split-file", default="test.json", help="records to score (default: test.json)")
-    s.add_argument("--out", help="where to write eval.json / eval.md (default: the checkpoint directory)")
+    s.add_argument(
+        "--out",
+        help="where to write eval.json / eval.md (cvbench.json / cvbench.md) (default: the checkpoint directory)",
+    )
     s.add_argument("--limit", type=int, default=0, help="score only the first N records")
     s.add_argument("--no-blind", action="store_true", help="skip the blind baseline")
+    s.add_argument(
+        "--cvbench",
+        metavar="FILE",
+        help="score a CV-Bench file instead of --data/--split-file (.jsonl or .json, .parquet with pyarrow; "
+        "images relative to it or embedded): accuracy per source, 2D, 3D and the overall CV-Bench score",
+    )
+    s.add_argument(
+        "--answer-rule",
+        choices=("cambrian", "lmms-eval"),
+        default="cambrian",
+        help="how --cvbench reads the answer letter: Cambrian-1's evaluation (default) or lmms-eval's",
+    )
     s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("chat", help="answer one question about images or videos from the command line")

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 
 from vlmlab.data.formats import Record
+from vlmlab.data.world.cvbench import CVBENCH_TASKS
+from vlmlab.evaluation.cvbench import letter_match
 from vlmlab.io import atomic_write_json, atomic_write_text
 from vlmlab.processing.boxes import box_hit
 from vlmlab.processing.processor import Processor, model_device, to_device, visual_inputs
@@ -32,8 +34,9 @@ def normalize_answer(text: str) -> str:
 
 
 # Tasks not scored by exact match: task -> scorer(prediction, reference) -> bool. ``ground`` (referring
-# expressions): the predicted box's IoU with the reference box is >= 0.5; a malformed answer is a miss.
-TASK_SCORERS = {"ground": box_hit}
+# expressions): the predicted box's IoU with the reference box is >= 0.5; a malformed answer is a miss. The world's
+# CV-Bench tasks: the letter read by Cambrian's parser is the reference letter.
+TASK_SCORERS = {"ground": box_hit, **dict.fromkeys(CVBENCH_TASKS, letter_match)}
 # Tasks whose answers are longer than the default decoding budget: task -> least new tokens.
 TASK_MIN_NEW_TOKENS = {"ground": 64}
 

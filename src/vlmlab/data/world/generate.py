@@ -7,6 +7,8 @@ Layout of ``out_dir``::
     videos/<split>/<id>.mp4      the clip of a video record (``video`` task)
     <split>.json                 LLaVA records: {"id", "image" (relative to out_dir), "conversations", "task"};
                                  "image" is a list for multi-image records, and video records have "video" instead
+    cvbench-test.jsonl           with the CV-Bench tasks (``cvbench.CVBENCH_TASKS``): their test records as a
+                                 CV-Bench file, sharing the images of test.json
     world.json                   the settings and counts; written last, so it exists only for a complete build
 
 The tasks in ``EXTRA_TASKS`` (``detail``, ``video``, ``multi``) are generated only when asked for with
@@ -31,6 +33,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from vlmlab.data.formats import write_json_atomic, write_llava_json
+from vlmlab.data.world.cvbench import CVBENCH_SPLIT, CVBENCH_TASKS, write_cvbench_file
 from vlmlab.data.world.extra_tasks import EXTRA_TASKS
 from vlmlab.data.world.grounding import GROUNDING_TASKS
 from vlmlab.data.world.scenes import Scene, render
@@ -97,9 +100,9 @@ def build_world(
 
     ``n_per_task``: records per QA task per split (default ``DEFAULT_N_PER_TASK``); ``n_captions``: caption
     records per split (default ``DEFAULT_N_CAPTIONS``). An int means that many in every split; a dict's missing
-    splits get 0. ``extra_tasks``: any of ``EXTRA_TASKS`` ("detail", "video", "multi"), ``n_per_task`` records
-    each, in the same split files. Returns the summary stored in ``world.json`` plus ``out_dir`` and
-    ``regenerated``.
+    splits get 0. ``extra_tasks``: any of ``EXTRA_TASKS`` ("detail", "video", "multi"), ``GROUNDING_TASKS`` and
+    ``CVBENCH_TASKS``, ``n_per_task`` records each, in the same split files. Returns the summary stored in
+    ``world.json`` plus ``out_dir`` and ``regenerated``.
     """
     out_dir = Path(out_dir)
     settings = {
@@ -110,7 +113,7 @@ def build_world(
         "n_captions": _per_split(n_captions, DEFAULT_N_CAPTIONS, "n_captions"),
     }
     if extra_tasks:  # only when asked: a default build's world.json stays byte-identical to older builds
-        settings["extra_tasks"] = _check_tasks(extra_tasks, (*EXTRA_TASKS, *GROUNDING_TASKS))
+        settings["extra_tasks"] = _check_tasks(extra_tasks, (*EXTRA_TASKS, *GROUNDING_TASKS, *CVBENCH_TASKS))
     summary_path = out_dir / "world.json"
     existing = _read_summary(summary_path)
     if existing is not None and existing.get("settings") == settings and _complete(out_dir, existing):
@@ -135,6 +138,8 @@ def build_world(
         counts[split].update(extra_counts)
     for split in SPLITS:
         _write_split(out_dir, split, samples[split])
+    if set(extra) & set(CVBENCH_TASKS):
+        write_cvbench_file(out_dir, CVBENCH_SPLIT, samples[CVBENCH_SPLIT], seed)
 
     summary = {
         "settings": settings,
@@ -198,7 +203,8 @@ def _write_split(out_dir: Path, split: str, samples: Iterable[tuple[str, Sample]
 
 def _write_image(out_dir: Path, folder: Path, stem: str, scene: Scene) -> str:
     path = folder / f"{stem}.png"
-    render(scene).save(path, format="PNG", **PNG_OPTIONS)
+    # A scene that draws itself (``cvbench.GroundScene``: ground and sky) does; the others are drawn by ``render``.
+    (scene.render() if hasattr(scene, "render") else render(scene)).save(path, format="PNG", **PNG_OPTIONS)
     return path.relative_to(out_dir).as_posix()
 
 
