@@ -29,8 +29,8 @@ from vlmlab.presets import PRESETS
 from vlmlab.training.stages import Stage
 from vlmlab.training.trainer import Trainer, TrainOptions, seed_everything
 
-LR = {"vision": 3e-4, "connector": 2e-3, "newline": 2e-3, "language": 2e-3}
-PARTS = ("vision", "connector", "newline", "language")
+LR = {"vision": 3e-4, "connector": 2e-3, "newline": 2e-3, "fusion": 2e-3, "language": 2e-3}
+PARTS = ("vision", "connector", "newline", "fusion", "language")  # every part a model has trains
 
 
 def llava_1_5_design(preset):
@@ -40,9 +40,9 @@ def llava_1_5_design(preset):
     return dataclasses.replace(preset, name="llava-1.5-design", config=config)
 
 
-def train_and_eval(
+def train_task(
     preset,
-    task: str,
+    tasks: tuple[str, ...],
     world: Path,
     run_dir: Path,
     steps: int,
@@ -52,6 +52,8 @@ def train_and_eval(
     vision_lr: float = LR["vision"],
     task_lr: float = LR["language"],
 ):
+    """``preset`` trained from scratch, every part it has: captions first (``align_steps``), then ``tasks``.
+    Returns the model, its processor, the training seconds and the samples seen."""
     seed_everything(seed)
     model, processor = build(preset)
     # Captions first, every part training (the tiny recipe's finding: from scratch, a model trained on the task
@@ -66,19 +68,38 @@ def train_and_eval(
         warmup_steps=min(30, align_steps // 10),
     )
     stage = Stage(
-        name=task,
+        name="-".join(tasks),
         train=PARTS,
-        lr={"vision": vision_lr, "connector": task_lr, "newline": task_lr, "language": task_lr},
+        lr={"vision": vision_lr, **dict.fromkeys(PARTS[1:], task_lr)},
         steps=steps,
-        tasks=(task,),
+        tasks=tasks,
         batch_size=32,
         warmup_steps=min(30, steps // 10),
         front_layout=front_layout,
     )
+    stages = [align, stage] if align_steps else [stage]
     t0 = time.perf_counter()
     options = TrainOptions(run_dir=run_dir, data_root=world, seed=seed, progress=False)
-    Trainer(model, processor, [align, stage] if align_steps else [stage], options).fit()
-    seconds = time.perf_counter() - t0
+    Trainer(model, processor, stages, options).fit()
+    samples = sum(s.steps * s.batch_size for s in stages)
+    return model, processor, time.perf_counter() - t0, samples
+
+
+def train_and_eval(
+    preset,
+    task: str,
+    world: Path,
+    run_dir: Path,
+    steps: int,
+    seed: int,
+    front_layout: float = 0.0,
+    align_steps: int = 300,
+    vision_lr: float = LR["vision"],
+    task_lr: float = LR["language"],
+):
+    model, processor, seconds, samples = train_task(
+        preset, (task,), world, run_dir, steps, seed, front_layout, align_steps, vision_lr, task_lr
+    )
     records = [r for r in load_stage_records(["test.json"], world, None) if r.task == task]
     result, _ = evaluate(model, processor, records)
     t = result["tasks"][task]
@@ -93,7 +114,22 @@ def train_and_eval(
         "blind_accuracy": t["blind_accuracy"],
         "n_test": t["n"],
         "train_seconds": round(seconds, 1),
+        "samples_per_s": round(samples / seconds, 1),
+        "visual_tokens_per_image": mean_visual_tokens(processor, records, world),
     }
+
+
+def mean_visual_tokens(processor, records, world: Path) -> float:
+    """Placeholder tokens per image, averaged over the records' images (sizes vary with tilers)."""
+    from PIL import Image
+
+    sizes = []
+    for r in records:
+        for im in r.images:
+            with Image.open(im if Path(im).is_absolute() else world / im) as img:
+                sizes.append(img.size)
+    counts = [processor.image_token_counts([Image.new("RGB", s)])[0] for s in sizes]
+    return round(sum(counts) / max(len(counts), 1), 1)
 
 
 def main(argv=None) -> int:

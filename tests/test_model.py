@@ -101,18 +101,41 @@ ENCODER_CONFIGS = {
     ),
     "convnet": VisionConfig(name="convnet", image_size=32, params={"channels": [8, 16], "pool": 2}),
     "efficientnet-lite0": VisionConfig(name="efficientnet-lite0", image_size=64),
+    "convnext": VisionConfig(
+        name="convnext", image_size=32, params={"hidden_sizes": [8, 12, 16, 20], "depths": [1, 1, 1, 1]}
+    ),
+    "tiled": VisionConfig(  # 2 x 2 tiles of a ConvNet's 4 x 4 grid, no whole view: 64 rows
+        name="tiled",
+        image_size=64,
+        params={"tower": "convnet", "grid": 2, "global_view": False, "channels": [8, 16], "pool": 2},
+    ),
 }
 
 
 # Connectors that merge (or position) a square token grid, and the table's towers whose tokens are not one (a CLS row kept).
-GRID_CONNECTORS = {"pixel_shuffle_mlp", "mlp_downsample", "idefics3", "qwen_vl_adapter", "minicpm_resampler"}
+GRID_CONNECTORS = {
+    "pixel_shuffle_mlp",
+    "mlp_downsample",
+    "idefics3",
+    "qwen_vl_adapter",
+    "minicpm_resampler",
+    "sva",
+}
 CLS_TOWERS = {"blip_vit", "idefics_vit"}
-# Towers that need more than pixels (Mllama's aspect-ratio ids and tile mask): tested with transformers' batches.
-TESTED_ELSEWHERE = {"mllama_vit": "tests/interop/test_hf_mllama.py"}
+# Towers that need more than pixels (Mllama's aspect-ratio ids and tile mask): tested with transformers' batches;
+# towers that need their tiler (Fuyu: one view per patch): tested with it.
+TESTED_ELSEWHERE = {
+    "fuyu_patches": "tests/test_fuyu.py",  # one view per patch: needs the fuyu tiler
+    "mllama_vit": "tests/interop/test_hf_mllama.py",
+}
 
 
 def conversation(q="What color is the shape?", a="red", n_images=1):
     return [{"role": "user", "content": "<image>" * n_images + "\n" + q}, {"role": "assistant", "content": a}]
+
+
+# Connectors that read several towers (``multi_encoder``), tested with theirs: one tower is refused.
+MULTI_TOWER_CONNECTORS = {"mgm": "tests/test_mgm.py"}
 
 
 def test_every_encoder_is_covered_by_the_test_table():
@@ -122,8 +145,12 @@ def test_every_encoder_is_covered_by_the_test_table():
 @pytest.mark.parametrize("name", sorted(ENCODER_CONFIGS))
 @pytest.mark.parametrize("connector", sorted(CONNECTORS))
 def test_every_registry_entry_builds_and_runs(tokenizer, name, connector):
-    # max_length: room for the query resamplers' default token counts (Qwen-VL: 256 rows).
-    build = lambda: make_model(tokenizer, vision=ENCODER_CONFIGS[name], connector=connector, max_length=512)  # noqa: E731
+    # max_length: room for the query resamplers' default token counts (Qwen-VL: 256 rows; SVA: 24 x 25).
+    build = lambda: make_model(tokenizer, vision=ENCODER_CONFIGS[name], connector=connector, max_length=1024)  # noqa: E731
+    if connector in MULTI_TOWER_CONNECTORS:
+        with pytest.raises(ConfigError, match="tower"):
+            build()
+        return
     if connector in GRID_CONNECTORS and name in CLS_TOWERS:
         # A space-to-channel merge needs a square grid: a tower that keeps its CLS row is refused when the model
         # is built, naming the problem (never a shape error at the first forward).

@@ -39,6 +39,10 @@ CPU_SCALE = {
     "xcomposer2-tiny",
     "flamingo-tiny",
     "mllama-tiny",
+    "xcomposer2-4khd-tiny",
+    "mini-gemini-tiny",
+    "cambrian-tiny",
+    "fuyu-tiny",
 }
 # Real-scale LLaVA-NeXT family: built on the meta device in tests/test_llava_next.py.
 NEXT_SCALE = {"llava-next", "llava-next-video", "llava-next-interleave"}
@@ -52,6 +56,14 @@ QFORMER_SCALE = {"blip2", "instructblip", "xcomposer"}
 
 # Deep-fusion presets at real scale: built on the meta device in tests/test_fusion_presets.py.
 FUSION_SCALE = {"cogvlm", "cogagent", "xcomposer2", "flamingo", "mllama"}
+# XComposer2-4KHD at real scale: built on the meta device in tests/test_hd.py.
+HD_SCALE = {"xcomposer2-4khd"}
+# Mini-Gemini and Mini-Gemini-HD at real scale: built on the meta device in tests/test_mgm.py.
+MGM_SCALE = {"mini-gemini", "mini-gemini-hd"}
+# Cambrian-1 at real scale: built on the meta device in tests/test_sva.py.
+CAMBRIAN_SCALE = {"cambrian"}
+# Fuyu-8B at real scale: built on the meta device in tests/test_fuyu.py.
+FUYU_SCALE = {"fuyu"}
 
 
 def test_every_preset_is_covered():
@@ -63,6 +75,10 @@ def test_every_preset_is_covered():
         | INTERNVL_SCALE
         | QFORMER_SCALE
         | FUSION_SCALE
+        | HD_SCALE
+        | MGM_SCALE
+        | CAMBRIAN_SCALE
+        | FUYU_SCALE
         | {"nano"}
     )
 

@@ -191,10 +191,22 @@ class CrossAttentionConfig:
 
 
 @dataclass
+class RegionalConfig:
+    """Cambrian-1's re-aggregation inside the decoder (SYSTEMS.md §20; ``models/fusion/sva.py``): after each listed
+    decoder layer, the hidden states at the image positions of the connector's queries re-read their own regions of
+    every tower (one more aggregation layer of the connector's kind at the LLM's width, with its residual). Needs a
+    connector with regions (``sva``) and one view per image."""
+
+    layers: list[int] = field(default_factory=list)
+    """Decoder layer indices whose output is re-aggregated (Cambrian-1-8B: start 0, stride 3, 10 layers:
+    0, 3, ..., 27)."""
+
+
+@dataclass
 class FusionConfig:
-    """Deep fusion inside the decoder (SYSTEMS.md §0, §8, §9, §14, §21): modality-routed linear layers, where image
-    rows (the image placeholder positions) go through their own weights and text rows through the LLM's, and/or
-    cross-attention to visual features."""
+    """Deep fusion inside the decoder (SYSTEMS.md §0, §8, §9, §14, §20, §21): modality-routed linear layers, where
+    image rows (the image placeholder positions) go through their own weights and text rows through the LLM's,
+    cross-attention to visual features, and/or the image rows re-reading the towers (``regional``)."""
 
     mode: str | None = "expert"
     """``expert``: CogVLM's visual expert (a copy of each projection for image rows); ``plora``: XComposer2's
@@ -207,6 +219,8 @@ class FusionConfig:
     alpha: float = 256.0
     cross: CrossAttentionConfig | None = None
     """Cross-attention blocks (Flamingo's gated ones, CogAgent's high-resolution branch)."""
+    regional: RegionalConfig | None = None
+    """Cambrian-1's regional re-aggregation of the image rows inside the decoder."""
 
 
 @dataclass
@@ -297,6 +311,7 @@ _OPTIONAL_DATACLASS_FIELDS = {
     (ProcessorConfig, "video"): VideoConfig,
     (ModelConfig, "fusion"): FusionConfig,
     (FusionConfig, "cross"): CrossAttentionConfig,
+    (FusionConfig, "regional"): RegionalConfig,
     (CrossAttentionConfig, "vision"): VisionConfig,
 }
 # Fields that hold a list of dataclasses.

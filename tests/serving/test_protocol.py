@@ -450,7 +450,7 @@ def test_response_models_have_the_openai_shape():
     assert data["object"] == "chat.completion" and data["id"].startswith("chatcmpl-")
     assert data["choices"][0] == {
         "index": 0,
-        "message": {"role": "assistant", "content": "hi", "boxes": None},
+        "message": {"role": "assistant", "content": "hi", "boxes": None, "image_prompt": None},
         "finish_reason": "length",
         "logprobs": None,
     }

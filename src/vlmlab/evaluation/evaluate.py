@@ -9,6 +9,7 @@ decoding), so the numbers can be reproduced.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
 from collections import defaultdict
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from vlmlab.data.formats import Record
 from vlmlab.data.world.cvbench import CVBENCH_TASKS
@@ -72,7 +74,10 @@ def predict(
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
         convs = [split_prompt(r)[0] for r in chunk]
-        images = [[blank] * len(r.images) if blind else r.images for r in chunk]
+        images = [
+            [blank_image(processor.config, image_size(im)) for im in r.images] if blind else r.images
+            for r in chunk
+        ]
         n_frames = processor.config.video.num_frames if processor.config.video else 0
         videos = [[[blank] * n_frames] * len(r.videos) if blind else r.videos for r in chunk]
         batch = to_device(processor(convs, images, add_generation_prompt=True, videos=videos), device)
@@ -86,6 +91,14 @@ def predict(
         )
         out += [processor.decode(row) for row in new.tolist()]
     return out
+
+
+def image_size(source) -> tuple[int, int]:
+    """(width, height) of an image given as a PIL image, a path or bytes (read from the header only)."""
+    if isinstance(source, Image.Image):
+        return source.size
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+        return im.size
 
 
 def evaluate(

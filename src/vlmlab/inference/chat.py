@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
+from vlmlab.inference.image_prompt import ImageGenerator, handle_image_prompt
 from vlmlab.processing.processor import model_device, to_device, visual_inputs
 
 
@@ -23,9 +24,13 @@ def answer(
     top_p: float = 1.0,
     seed: int = 0,
     stop: Sequence[str] = (),
+    image_generator: ImageGenerator | None = None,
 ) -> str:
     """Answer ``question``; images (videos) missing a placeholder in the question are placed before it (LLaVA
-    style). A video is a file path, or its frames (PIL images or a ``[F, H, W, 3]`` array)."""
+    style). A video is a file path, or its frames (PIL images or a ``[F, H, W, 3]`` array).
+
+    An image-generation prompt in the answer (``<h>...</h>``, Mini-Gemini) is taken out of the returned text and
+    handed to ``image_generator`` (``inference/image_prompt.py``; None: dropped)."""
     video_placeholder = processor.config.video.token if processor.config.video else "<video>"
     for placeholder, items in ((processor.config.image_token, images), (video_placeholder, videos)):
         missing = len(items) - question.count(placeholder)
@@ -51,4 +56,4 @@ def answer(
     for s in stop:  # the answer ends before the stop string, as in the OpenAI API
         if s in text:
             text = text[: text.index(s)]
-    return text.strip()
+    return handle_image_prompt(text.strip(), image_generator)[0]

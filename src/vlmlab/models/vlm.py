@@ -27,10 +27,11 @@ from vlmlab.models.connectors import CONNECTORS
 from vlmlab.models.encoders import ENCODERS
 from vlmlab.models.language import architecture_params, build_language_model, cache_kwargs
 from vlmlab.models.merge import merge_image_features
-from vlmlab.models.tiling import anyres
+from vlmlab.models.tiling import TILERS, anyres
 
 # The parts a training stage can freeze or train, by name (see training/stages.py). ``newline`` is LLaVA-NeXT's
-# learned ``image_newline`` (absent in models without it): its stage 1 trains the projector alone. ``fusion`` is
+# learned ``image_newline`` (absent in models without it): its stage 1 trains the projector alone; it also
+# holds a packing tiler's learned vectors (``packer``, e.g. XComposer2-4KHD's separators). ``fusion`` is
 # the image-row weights inside the decoder (``config.fusion``: CogVLM's visual expert, XComposer2's partial LoRA),
 # apart from ``language``, the LLM's own weights, so that a stage can train them with the LLM frozen.
 PARTS = ("vision", "connector", "newline", "fusion", "language")
@@ -66,6 +67,8 @@ class VisionLanguageModel(nn.Module):
         self.fusion_params: list[nn.Parameter] = []
         self.cross_attn: nn.ModuleDict | None = None
         self.cross_vision: nn.Module | None = None
+        self.regional_attn: nn.ModuleDict | None = None
+        """Cambrian-1's in-decoder aggregation layers (``fusion.regional``), keyed by decoder layer index."""
         if config.fusion is not None:
             self._build_fusion(config.fusion, load_pretrained)
         if hasattr(self.vision, "architecture_params"):
@@ -83,12 +86,32 @@ class VisionLanguageModel(nn.Module):
             in_dim, n_vis = [t.hidden_size for t in towers], [t.num_tokens for t in towers]
         else:
             in_dim, n_vis = sum(t.hidden_size for t in towers), self.vision.num_tokens
+        proc = config.processor
+        self.tiler = TILERS[proc.tiler](**proc.tiler_params) if proc.tiler else None
+        self.packer = None
+        """A packing tiler's module (``models/tiling/__init__.py``): each image's view features -> its rows,
+        with learned vectors, before the connector."""
+        if self.tiler is not None and hasattr(self.tiler, "packer"):
+            if self.multi_encoder:
+                raise ConfigError(f"tiler {proc.tiler!r} packs one grid per view: no multi-encoder connector")
+            self.packer = self.tiler.packer(in_dim, proc.image_size)
+            in_dim = self.packer.out_dim
         self.connector = CONNECTORS[config.connector.name](
             in_dim, (cross.media_dim or d_lm) if self.gated else d_lm, **config.connector.params
         )
         self.config = config
+        if config.fusion is not None and config.fusion.regional is not None:
+            from vlmlab.models.fusion.sva import build_regional
+
+            self.regional_attn = build_regional(self.language.get_decoder(), self.connector, config)
+            self.fusion_params += list(self.regional_attn.parameters())
         self.num_media_tokens = self.connector.num_tokens(n_vis)
         """Feature rows of one view (one image, tile or frame)."""
+        if self.packer is not None and self.num_media_tokens != n_vis:
+            raise ConfigError(
+                f"tiler {proc.tiler!r} packs rows before the connector: connector "
+                f"{config.connector.name!r} must keep rows one to one ({n_vis} -> {self.num_media_tokens})"
+            )
         self.num_image_tokens = 1 if self.gated else self.num_media_tokens
         """Placeholder tokens of one view in the text (a gated cross-attention model writes one ``<image>``)."""
         if self.extra_vision and config.processor.video is not None:
@@ -124,8 +147,10 @@ class VisionLanguageModel(nn.Module):
         )
 
         decoder = self.language.get_decoder()
-        if f.mode is None and f.cross is None:
-            raise ConfigError("fusion: neither mode (routed layers) nor cross (cross-attention) is set")
+        if f.mode is None and f.cross is None and f.regional is None:
+            raise ConfigError(
+                "fusion: neither mode (routed layers), cross (cross-attention) nor regional (re-aggregation) is set"
+            )
         if f.mode is not None:
             if f.mode not in ROUTING_MODES:
                 raise ConfigError(f"fusion.mode: {f.mode!r} is not one of {list(ROUTING_MODES)}")
@@ -188,7 +213,8 @@ class VisionLanguageModel(nn.Module):
     def part_parameters(self, part: str) -> list[nn.Parameter]:
         """The parameters of one trainable part (``PARTS``)."""
         if part == "newline":
-            return [] if self.image_newline is None else [self.image_newline]
+            params = [] if self.image_newline is None else [self.image_newline]
+            return params + (list(self.packer.parameters()) if self.packer is not None else [])
         if part == "fusion":
             return list(self.fusion_params)
         params = list(getattr(self, part).parameters())
@@ -210,8 +236,10 @@ class VisionLanguageModel(nn.Module):
     def fused(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, **extra):
         """The context in which the decoder runs over ``input_ids`` with this model's deep fusion
         (``config.fusion``): image placeholder rows routed to the image weights; the cross-attention blocks
-        reading this batch's visual features (``cross_media``). Positions after ``input_ids`` (generated tokens)
-        are text rows that see what the last prompt token sees. A no-op without fusion."""
+        reading this batch's visual features (``cross_media``); the image rows re-reading the towers' regions
+        (``fusion.regional``: the towers run here too, a second time beside ``embed``'s run). Positions after
+        ``input_ids`` (generated tokens) are text rows that see what the last prompt token sees. A no-op without
+        fusion."""
         with contextlib.ExitStack() as stack:
             f = self.config.fusion
             if f is not None and f.mode is not None:
@@ -226,6 +254,14 @@ class VisionLanguageModel(nn.Module):
                 stack.enter_context(
                     media(self.language.get_decoder(), *self.cross_media(input_ids, pixel_values, **extra))
                 )
+            if self.regional_attn is not None:
+                from vlmlab.models.fusion.sva import regional
+
+                feats = None
+                if pixel_values is not None:
+                    feats = self.tower_features(pixel_values.to(self.dtype_of_vision()), **extra)
+                decoder, image_id = self.language.get_decoder(), self.config.image_token_id
+                stack.enter_context(regional(decoder, self.connector, feats, input_ids, image_id))
             yield
 
     def cross_media(
@@ -339,6 +375,8 @@ class VisionLanguageModel(nn.Module):
         ``[N_img, P_max, 3, S, S]`` (each image's views, zero-padded to the most views) or the views concatenated
         ``[sum P, 3, S, S]``, and ``image_sizes`` ``[N_img, 2]`` gives each original ``(height, width)``."""
         cfg = self.config.processor.anyres
+        if self.packer is not None:
+            return self.packed_features(pixel_values, image_sizes, **extra)
         if cfg is None:
             if pixel_values.dim() == 5:
                 pixel_values, extra = drop_padding_views(pixel_values, extra)
@@ -369,6 +407,28 @@ class VisionLanguageModel(nn.Module):
         return torch.cat(
             [anyres.pack_features(f, s, cfg, tile, self.image_newline) for f, s in zip(feats, sizes)]
         )
+
+    def packed_features(
+        self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None, **extra: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Feature rows ``[N_rows, D_lm]`` with a packing tiler: every image's views ``[sum P, 3, S, S]``
+        (in order) through the tower, each image's packed by ``self.packer`` from its ``image_sizes``
+        ``[N_img, 2]`` (height, width), then the connector row by row."""
+        if image_sizes is None:
+            raise SampleError(
+                f"tiler {self.config.processor.tiler!r} needs image_sizes ([N_img, 2] heights and widths)"
+            )
+        if pixel_values.dim() != 4:
+            raise SampleError(f"pixel_values must be [N_views, 3, H, W], got {list(pixel_values.shape)}")
+        sizes = [tuple(s) for s in image_sizes.tolist()]
+        counts = [self.tiler.num_views(s, self.config.processor.image_size) for s in sizes]
+        if pixel_values.shape[0] != sum(counts):
+            raise SampleError(
+                f"pixel_values has {pixel_values.shape[0]} views, the image sizes need {sum(counts)}"
+            )
+        feats = self.tower_features(pixel_values, **extra).split(counts)
+        rows = torch.cat([self.packer(f, s) for f, s in zip(feats, sizes)])
+        return self.connector(rows[None], **_inputs_of(self.connector, extra))[0]
 
     def video_features(self, pixel_values_videos: torch.Tensor) -> torch.Tensor:
         """Feature rows ``[N_rows, D_lm]`` of videos ``[N_vid, F, 3, S, S]``: frames encoded as images, pooled in

@@ -5,6 +5,7 @@ Add one: a function in a file of this folder that returns a ``Preset``, and one 
 
 from vlmlab.presets.base import Preset
 from vlmlab.presets.blip2 import blip2, blip2_tiny, instructblip, instructblip_tiny, xcomposer, xcomposer_tiny
+from vlmlab.presets.cambrian import cambrian, cambrian_tiny
 from vlmlab.presets.fusion import (
     cogagent,
     cogagent_tiny,
@@ -17,6 +18,7 @@ from vlmlab.presets.fusion import (
     xcomposer2,
     xcomposer2_tiny,
 )
+from vlmlab.presets.fuyu import fuyu, fuyu_tiny
 from vlmlab.presets.internvl import internvl_1_5, internvl_1_5_tiny, vila_1_5, vila_1_5_tiny
 from vlmlab.presets.llava import llava, llava_1_5, llava_1_5_tiny
 from vlmlab.presets.llava_next import (
@@ -27,10 +29,12 @@ from vlmlab.presets.llava_next import (
     llava_next_video,
     llava_next_video_tiny,
 )
+from vlmlab.presets.mini_gemini import mini_gemini, mini_gemini_hd, mini_gemini_tiny
 from vlmlab.presets.nano import nano
 from vlmlab.presets.perceiver import perceiver_tiny
 from vlmlab.presets.qwen_vl import minicpm_v, minicpm_v_tiny, qwen_vl, qwen_vl_tiny
 from vlmlab.presets.tiny import tiny
+from vlmlab.presets.xcomposer2_4khd import xcomposer2_4khd, xcomposer2_4khd_tiny
 from vlmlab.registry import Registry
 
 PRESETS = Registry("preset")
@@ -66,9 +70,18 @@ PRESETS["cogagent"] = cogagent
 PRESETS["cogagent-tiny"] = cogagent_tiny
 PRESETS["xcomposer2"] = xcomposer2
 PRESETS["xcomposer2-tiny"] = xcomposer2_tiny
+PRESETS["xcomposer2-4khd"] = xcomposer2_4khd
+PRESETS["xcomposer2-4khd-tiny"] = xcomposer2_4khd_tiny
 PRESETS["flamingo"] = flamingo
 PRESETS["flamingo-tiny"] = flamingo_tiny
 PRESETS["mllama"] = mllama
 PRESETS["mllama-tiny"] = mllama_tiny
+PRESETS["cambrian"] = cambrian
+PRESETS["cambrian-tiny"] = cambrian_tiny
+PRESETS["fuyu"] = fuyu
+PRESETS["fuyu-tiny"] = fuyu_tiny
+PRESETS["mini-gemini"] = mini_gemini
+PRESETS["mini-gemini-hd"] = mini_gemini_hd
+PRESETS["mini-gemini-tiny"] = mini_gemini_tiny
 
 __all__ = ["PRESETS", "Preset"]

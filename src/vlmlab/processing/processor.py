@@ -47,6 +47,8 @@ class Processor:
         self.tiler = TILERS[config.tiler](**config.tiler_params) if config.tiler else None
         if self.tiler is not None and config.anyres is not None:
             raise SampleError("processor: a tiler and AnyRes are two tilings; set one of them")
+        self.gives_sizes = config.anyres is not None or hasattr(self.tiler, "packer")
+        """Batches carry ``image_sizes``: AnyRes and packing tilers build each image's rows from its size."""
         self.image_start_ids = [self._special_id(t) for t in (config.image_start,) if t]
         self.image_end_ids = [self._special_id(t) for t in (config.image_end,) if t]
         pad = tokenizer.pad_token_id
@@ -198,17 +200,20 @@ class Processor:
         self, images: Sequence[Image.Image], videos: Sequence[Sequence[Image.Image]] = ()
     ) -> dict[str, torch.Tensor | None]:
         """``pixel_values``: ``[N_img, 3, S, S]``, or with AnyRes ``[N_img, P, 3, S, S]`` (each image's base view
-        and tiles, zero-padded to the most views) plus ``image_sizes`` ``[N_img, 2]`` (height, width);
+        and tiles, zero-padded to the most views) plus ``image_sizes`` ``[N_img, 2]`` (height, width), or with a
+        tiler every image's views ``[sum P, 3, S, S]`` (plus ``image_sizes`` for a packing tiler);
         ``pixel_values_videos``: ``[N_vid, F, 3, S, S]``. Absent inputs are None."""
         cfg = self.config
         out: dict[str, torch.Tensor | None] = {"pixel_values": None}
-        if cfg.anyres is not None:
+        if self.gives_sizes:
             out["image_sizes"] = None
         if images and self.tiler is not None:
             # Views are already S x S: a squash to S leaves them as they are.
             as_is = dataclasses.replace(cfg, pad_to_square=False, resize="squash")
             views = [v for im in images for v in self.tiler.views(im, cfg.image_size)]
             out["pixel_values"] = torch.stack([image_to_tensor(v, as_is) for v in views])
+            if self.gives_sizes:  # a packing tiler
+                out["image_sizes"] = torch.tensor([[im.height, im.width] for im in images])
         elif images and cfg.anyres is None:
             out["pixel_values"] = images_to_tensor(list(images), cfg)
         elif images:
@@ -342,10 +347,10 @@ class Processor:
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         pix = [s["pixel_values"] for s in samples if s.get("pixel_values") is not None]
         batch["pixel_values"] = (pad_views(pix) if pix[0].dim() == 5 else torch.cat(pix)) if pix else None
-        if self.config.anyres is not None:
+        if self.gives_sizes:
             sizes = [s["image_sizes"] for s in samples if s.get("image_sizes") is not None]
             batch["image_sizes"] = torch.cat(sizes) if sizes else None
-            if not self.config.anyres.tile_multi_image:
+            if self.config.anyres is not None and not self.config.anyres.tile_multi_image:
                 # OneVision: images per sample (samples without images left out, as transformers does).
                 counts = [len(s["image_sizes"]) for s in samples if s.get("image_sizes") is not None]
                 batch["batch_num_images"] = torch.tensor(counts) if counts else None
@@ -447,10 +452,12 @@ def image_token_counts(
     config: ProcessorConfig, tokens_per_view: int, sizes: Sequence[tuple[int, int]], tiler=None
 ) -> list[int]:
     """Feature rows (placeholder tokens) of each image of one sample, from the ``(height, width)`` sizes alone:
-    ``tokens_per_view`` each without tiling; views x tokens with a tiler; AnyRes' count (with OneVision's rule
-    that images sharing a sample are not tiled)."""
+    ``tokens_per_view`` each without tiling; views x tokens with a tiler (or the tiler's ``num_tokens``); AnyRes'
+    count (with OneVision's rule that images sharing a sample are not tiled)."""
     if config.tiler is not None:
         tiler = tiler or TILERS[config.tiler](**config.tiler_params)
+        if hasattr(tiler, "num_tokens"):
+            return [tiler.num_tokens(s, config.image_size, tokens_per_view) for s in sizes]
         return [tiler.num_views(s, config.image_size) * tokens_per_view for s in sizes]
     cfg = config.anyres
     if cfg is None:

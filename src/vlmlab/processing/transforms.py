@@ -101,6 +101,9 @@ def _normalised_levels(mean: tuple[float, ...], std: tuple[float, ...]) -> np.nd
     return _normalise(levels, mean, std).numpy()
 
 
-def blank_image(cfg: ProcessorConfig) -> Image.Image:
-    """The image used by the blind baseline: the mean colour everywhere (all zeros after normalisation)."""
-    return Image.new("RGB", (cfg.image_size, cfg.image_size), tuple(round(x * 255) for x in cfg.image_mean))
+def blank_image(cfg: ProcessorConfig, size: tuple[int, int] | None = None) -> Image.Image:
+    """The image used by the blind baseline: the mean colour everywhere (all zeros after normalisation), of
+    ``size`` (width, height; default ``image_size`` squared). Given the real image's size, a tiling or
+    any-resolution model (AnyRes, Fuyu, HD) sees as many views and tokens as with the real image."""
+    side = (cfg.image_size, cfg.image_size)
+    return Image.new("RGB", size or side, tuple(round(x * 255) for x in cfg.image_mean))

@@ -35,6 +35,7 @@ from jinja2 import TemplateError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vlmlab.errors import ImageError, SampleError
+from vlmlab.inference.image_prompt import ImageGenerator, handle_image_prompt
 from vlmlab.processing.boxes import parse_boxes
 from vlmlab.processing.processor import visual_inputs
 from vlmlab.serving import protocol as P
@@ -81,8 +82,10 @@ def create_app(
     cors_origins: Sequence[str] = (),
     max_batch: int = 8,
     max_queue: int = 64,
+    image_generator: ImageGenerator | None = None,
 ) -> FastAPI:
-    """The server for one model. ``api_key`` None: no key asked (the CLI allows that on loopback only)."""
+    """The server for one model. ``api_key`` None: no key asked (the CLI allows that on loopback only).
+    ``image_generator`` gets each answer's ``<h>...</h>`` image prompt (``vlmlab.inference.image_prompt``)."""
     limits = limits or Limits()
     engine = Engine(model, processor, max_batch=max_batch, max_queue=max_queue)
     reserved = P.reserved_strings(processor)
@@ -215,7 +218,7 @@ def create_app(
         sizes = [im.size for im in images]
         if req.stream:
             return StreamingResponse(
-                _stream(engine, seqs, events, model_name, req.include_usage, sizes),
+                _stream(engine, seqs, events, model_name, req.include_usage, sizes, image_generator),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
@@ -226,10 +229,18 @@ def create_app(
                 engine.cancel(s)  # no-op for finished ones; frees the rows of a client that went away
         if any(s.finish_reason == "error" for s in seqs):
             raise internal_error()
+        # Each answer's <h>...</h> image prompt, out of its text and to the generator (off the event loop).
+        answers = {
+            i: await asyncio.to_thread(handle_image_prompt, t, image_generator) for i, t in done.items()
+        }
         choices = [
             P.Choice(
                 index=s.index,
-                message=P.ChatCompletionMessage(content=done[s.index], boxes=_boxes(done[s.index], sizes)),
+                message=P.ChatCompletionMessage(
+                    content=answers[s.index][0],
+                    boxes=_boxes(answers[s.index][0], sizes),
+                    image_prompt=answers[s.index][1],
+                ),
                 finish_reason=s.finish_reason,
             )
             for s in seqs
@@ -337,6 +348,7 @@ async def _stream(
     model_name: str,
     include_usage: bool,
     sizes: list[tuple[int, int]],
+    image_generator: ImageGenerator | None,
 ) -> AsyncIterator[str]:
     """Server-sent events: a role chunk per choice, content deltas, a finish chunk per choice, optionally a
     usage chunk, then ``[DONE]``. Closing the stream (client gone) cancels the generations."""
@@ -362,7 +374,8 @@ async def _stream(
             if value == "error":
                 yield P.sse_event(internal_error().body())
                 return
-            yield chunk(index, boxes=_boxes(texts[index], sizes), finish_reason=value)
+            _, prompt = await asyncio.to_thread(handle_image_prompt, texts[index], image_generator)
+            yield chunk(index, boxes=_boxes(texts[index], sizes), image_prompt=prompt, finish_reason=value)
         if include_usage:
             usage = P.Usage.count(seqs[0].prompt_tokens, sum(len(s.tokens) for s in seqs))
             yield P.sse_event(P.ChatCompletionChunk(id=cid, model=model_name, choices=[], usage=usage))

@@ -195,6 +195,9 @@ class ChatCompletionMessage(BaseModel):
     boxes: list[GroundingBox] | None = None
     """Extension: the ``<box>`` tags of ``content`` in pixels (``vlmlab.processing.boxes.parse_boxes``); None when
     there are none or the model does not ground."""
+    image_prompt: str | None = None
+    """Extension: the image-generation prompt the answer wrote in ``<h>...</h>`` (Mini-Gemini), taken out of
+    ``content`` (``vlmlab.inference.image_prompt``); None when there is none."""
 
 
 class Choice(BaseModel):
@@ -234,6 +237,8 @@ class ChoiceDelta(BaseModel):
     content: str | None = None
     boxes: list[GroundingBox] | None = None
     """Extension: set on a choice's last chunk, for the whole text."""
+    image_prompt: str | None = None
+    """Extension: set on a choice's last chunk, for the whole text (whose deltas kept the ``<h>`` block)."""
 
 
 class ChunkChoice(BaseModel):

@@ -11,7 +11,7 @@ before the import's renaming and after the export's), ``export_drops(key)`` (vlm
 ``config.json``, merged into it before ``config_from_hf``).
 """
 
-from vlmlab.interop.hf import idefics1, internvl, llava, mllama
+from vlmlab.interop.hf import fuyu, idefics1, internvl, llava, mllama
 from vlmlab.interop.hf.blip2 import blip_2, instructblip
 from vlmlab.interop.hf.convert import export_hf, import_hf, is_hf_checkpoint
 from vlmlab.interop.hf.idefics import idefics2, idefics3
@@ -32,5 +32,6 @@ HF_FORMATS["blip-2"] = blip_2
 HF_FORMATS["instructblip"] = instructblip
 HF_FORMATS["internvl"] = internvl
 HF_FORMATS["mllama"] = mllama
+HF_FORMATS["fuyu"] = fuyu
 
 __all__ = ["HF_FORMATS", "export_hf", "hf_model_type", "import_hf", "is_hf_checkpoint"]

@@ -107,6 +107,8 @@ def hf_model_type(config: ModelConfig) -> str:
 
     if config.vision.name == "idefics_vit":  # Idefics v1, gated cross-attention (interop/hf/idefics1.py)
         return "idefics"
+    if config.vision.name == "fuyu_patches":  # Fuyu, patches straight into the decoder (interop/hf/fuyu.py)
+        return "fuyu"
     if config.vision.name == "mllama_vit":  # Llama-3.2-Vision, gated cross-attention (interop/hf/mllama.py)
         return "mllama"
     if config.connector.name in MODEL_TYPES:

@@ -4,11 +4,13 @@
 ``num_tokens(n_vis) -> n_tok``. Add one: a file in this folder and one line below.
 """
 
+from vlmlab.models.connectors.mgm import MGMConnector
 from vlmlab.models.connectors.mlp import GLUProjector, Identity, linear, mlp2x_gelu
 from vlmlab.models.connectors.perceiver import FlamingoPerceiver, Idefics2Perceiver
 from vlmlab.models.connectors.pixel_shuffle import DownsampleMLP, Idefics3Connector, PixelShuffleMLP
 from vlmlab.models.connectors.qformer import qformer
 from vlmlab.models.connectors.resampler import minicpm_resampler, qwen_vl_adapter
+from vlmlab.models.connectors.sva import SpatialVisionAggregator
 from vlmlab.registry import Registry
 
 CONNECTORS = Registry("connector")
@@ -24,3 +26,5 @@ CONNECTORS["idefics3"] = Idefics3Connector
 CONNECTORS["qformer"] = qformer
 CONNECTORS["pixel_shuffle_mlp"] = PixelShuffleMLP
 CONNECTORS["mlp_downsample"] = DownsampleMLP
+CONNECTORS["sva"] = SpatialVisionAggregator
+CONNECTORS["mgm"] = MGMConnector

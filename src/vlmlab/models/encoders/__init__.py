@@ -6,12 +6,15 @@
 
 from vlmlab.models.encoders.blip_vit import BlipViTTower
 from vlmlab.models.encoders.convnet import ConvNetTower
+from vlmlab.models.encoders.convnext import ConvNextTower
 from vlmlab.models.encoders.efficientnet import EfficientNetTower
+from vlmlab.models.encoders.fuyu import FuyuPatches
 from vlmlab.models.encoders.hf_vit import CLIPTower, SiglipTower
 from vlmlab.models.encoders.idefics1_vit import Idefics1ViTTower
 from vlmlab.models.encoders.idefics_vit import Idefics2ViTTower, Idefics3ViTTower
 from vlmlab.models.encoders.internvit import InternViTTower
 from vlmlab.models.encoders.mllama_vit import MllamaViTTower
+from vlmlab.models.encoders.tiled import TiledTower
 from vlmlab.registry import Registry
 
 ENCODERS = Registry("vision encoder")
@@ -25,3 +28,6 @@ ENCODERS["efficientnet-lite0"] = EfficientNetTower
 ENCODERS["blip_vit"] = BlipViTTower
 ENCODERS["internvit"] = InternViTTower
 ENCODERS["mllama_vit"] = MllamaViTTower
+ENCODERS["convnext"] = ConvNextTower
+ENCODERS["tiled"] = TiledTower
+ENCODERS["fuyu_patches"] = FuyuPatches
