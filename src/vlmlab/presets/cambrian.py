@@ -40,6 +40,7 @@ from vlmlab.config import (
     VisionConfig,
 )
 from vlmlab.presets.base import Preset, pretrained_tokenizer
+from vlmlab.presets.fusion import frozen_llm_recipe
 from vlmlab.presets.internvl import IMAGENET_MEAN, IMAGENET_STD, LLAMA3_8B, SIGLIP_SO400M_384
 from vlmlab.presets.llava import CLIP_VIT_L14
 from vlmlab.training.stages import Stage
@@ -166,26 +167,9 @@ def cambrian_tiny() -> Preset:
     )
     aggregator = ("connector", "fusion")
     recipe = [
-        Stage(
-            name="llm",
-            train=("language",),
-            lr={"language": TINY_LR},
-            steps=300,
-            batch_size=32,
-            warmup_steps=15,
-            extra={
-                "why": "stands in for the pretrained LLM the paper starts from (the world's LLM is random)"
-            },
-        ),
-        # The paper's stage 1 (LLM frozen); the random towers train too, 10x slower (the tiny preset's lesson).
-        Stage(
-            name="pretrain",
-            train=("vision", *aggregator),
-            lr={"vision": 3e-4, "connector": TINY_LR, "fusion": TINY_LR},
-            steps=700,
-            batch_size=32,
-            warmup_steps=30,
-        ),
+        # The llm stand-in, then the paper's stage 1 (LLM frozen; the random towers train too, 10x slower: the
+        # tiny presets' lesson).
+        *frozen_llm_recipe(700, train=("vision", *aggregator), lr={"vision": 3e-4}),
         # The paper's stage 2: the aggregator and the LLM, the towers frozen.
         Stage(
             name="finetune",

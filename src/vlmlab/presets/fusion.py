@@ -373,8 +373,10 @@ def _tiny(name: str, connector: ConnectorConfig, fusion: FusionConfig, **kw) -> 
     )
 
 
-def _tiny_recipe(fusion_steps: int, train: tuple[str, ...] = FROZEN_LLM) -> list[Stage]:
-    """The ``llm`` stand-in stage, then the paper's pretraining with the LLM frozen."""
+def frozen_llm_recipe(
+    fusion_steps: int, train: tuple[str, ...] = FROZEN_LLM, lr: dict[str, float] | None = None
+) -> list[Stage]:
+    """The ``llm`` stand-in stage, then the paper's pretraining with the LLM frozen (``lr``: per-part overrides)."""
     return [
         Stage(
             name="llm",
@@ -390,7 +392,7 @@ def _tiny_recipe(fusion_steps: int, train: tuple[str, ...] = FROZEN_LLM) -> list
         Stage(
             name="pretrain",
             train=train,
-            lr=dict.fromkeys(train, TINY_LR),
+            lr={**dict.fromkeys(train, TINY_LR), **(lr or {})},
             steps=fusion_steps,
             batch_size=32,
             warmup_steps=30,
@@ -412,7 +414,10 @@ def cogvlm_tiny() -> Preset:
         image_positions="shared",
     )
     return _tiny_preset(
-        "cogvlm-tiny", config, _tiny_recipe(700), "CogVLM's visual expert and shared positions at CPU scale"
+        "cogvlm-tiny",
+        config,
+        frozen_llm_recipe(700),
+        "CogVLM's visual expert and shared positions at CPU scale",
     )
 
 
@@ -429,7 +434,10 @@ def cogagent_tiny() -> Preset:
         processor={"cross_image_size": 96},
     )
     return _tiny_preset(
-        "cogagent-tiny", config, _tiny_recipe(700), "CogAgent's high-resolution cross-attention at CPU scale"
+        "cogagent-tiny",
+        config,
+        frozen_llm_recipe(700),
+        "CogAgent's high-resolution cross-attention at CPU scale",
     )
 
 
@@ -440,7 +448,7 @@ def xcomposer2_tiny() -> Preset:
         FusionConfig(mode="plora", targets=list(ALL_ROUTED), rank=32, alpha=32.0),
     )
     return _tiny_preset(
-        "xcomposer2-tiny", config, _tiny_recipe(700), "InternLM-XComposer2's Partial LoRA at CPU scale"
+        "xcomposer2-tiny", config, frozen_llm_recipe(700), "InternLM-XComposer2's Partial LoRA at CPU scale"
     )
 
 
@@ -454,7 +462,7 @@ def flamingo_tiny() -> Preset:
     return _tiny_preset(
         "flamingo-tiny",
         config,
-        _tiny_recipe(700),
+        frozen_llm_recipe(700, lr={"fusion": 1e-2}),
         "Flamingo's perceiver and gated cross-attention at CPU scale",
     )
 
@@ -468,5 +476,5 @@ def mllama_tiny() -> Preset:
         FusionConfig(mode=None, cross=mllama_cross([1, 3], kv_heads=2)),
     )
     return _tiny_preset(
-        "mllama-tiny", config, _tiny_recipe(700), "Mllama's gated cross-attention layout at CPU scale"
+        "mllama-tiny", config, frozen_llm_recipe(700), "Mllama's gated cross-attention layout at CPU scale"
     )

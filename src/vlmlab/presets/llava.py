@@ -80,11 +80,11 @@ def _real_scale(name: str, image_size: int, connector: str, pad_to_square: bool)
     )
 
 
-def _two_stages(align: dict, instruct: dict) -> list[Stage]:
+def _two_stages(align: dict, instruct: dict, names: tuple[str, str] = ("align", "instruct")) -> list[Stage]:
     """LLaVA's recipe: align trains the projector only; instruct trains projector + LLM, the tower frozen."""
     return [
-        Stage(name="align", train=("connector",), **align),
-        Stage(name="instruct", train=("connector", "language"), **instruct),
+        Stage(name=names[0], train=("connector",), **align),
+        Stage(name=names[1], train=("connector", "language"), **instruct),
     ]
 
 

@@ -36,7 +36,7 @@ from vlmlab.config import (
     VisionConfig,
 )
 from vlmlab.presets.base import Preset
-from vlmlab.presets.llava import CLIP_VIT_L14, VICUNA_7B, _pretrained_tokenizer
+from vlmlab.presets.llava import CLIP_VIT_L14, VICUNA_7B, _pretrained_tokenizer, _two_stages
 from vlmlab.processing.templates import LLAVA_V1_SYSTEM
 from vlmlab.training.stages import Stage
 
@@ -152,27 +152,24 @@ def mini_gemini_tiny() -> Preset:
         ),
         preset="mini-gemini-tiny",
     )
-    recipe = [
-        # MGM's stage 1: the connector alone (the mining projections and the projector), on captions.
-        Stage(
-            name="pretrain",
-            train=("connector",),
-            lr={"connector": 1e-3},
-            steps=300,
-            tasks=("caption",),
-            batch_size=32,
-            warmup_steps=10,
-        ),
-        # MGM's stage 2: the connector and the LLM, on everything.
-        Stage(
-            name="finetune",
-            train=("connector", "language"),
-            lr={"connector": 2e-3, "language": 2e-3},
-            steps=900,
-            batch_size=32,
-            warmup_steps=30,
-        ),
-    ]
+    # MGM's stage 1: the connector alone (the mining projections and the projector), on captions; stage 2: the
+    # connector and the LLM, on everything (LLaVA's two stages).
+    recipe = _two_stages(
+        align={
+            "lr": {"connector": 1e-3},
+            "steps": 300,
+            "tasks": ("caption",),
+            "batch_size": 32,
+            "warmup_steps": 10,
+        },
+        instruct={
+            "lr": {"connector": 2e-3, "language": 2e-3},
+            "steps": 900,
+            "batch_size": 32,
+            "warmup_steps": 30,
+        },
+        names=("pretrain", "finetune"),
+    )
     return Preset(
         "mini-gemini-tiny",
         config,

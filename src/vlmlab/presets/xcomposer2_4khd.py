@@ -27,7 +27,7 @@ from vlmlab.presets.fusion import (
     _processor,
     _tiny,
     _tiny_preset,
-    _tiny_recipe,
+    frozen_llm_recipe,
     xcomposer2,
 )
 from vlmlab.presets.llava import CLIP_VIT_L14
@@ -86,6 +86,6 @@ def xcomposer2_4khd_tiny() -> Preset:
     return _tiny_preset(
         "xcomposer2-4khd-tiny",
         config,
-        _tiny_recipe(700, train=(*FROZEN_LLM, "newline")),
+        frozen_llm_recipe(700, train=(*FROZEN_LLM, "newline")),
         "InternLM-XComposer2-4KHD's HD views, 2x2 merge and separators with Partial LoRA at CPU scale",
     )

@@ -46,7 +46,16 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from vlmlab.data.world.scenes import BACKGROUNDS, COLOURS, SHAPES, Obj, Scene, _draw_shape, overlaps
+from vlmlab.data.world.scenes import (
+    BACKGROUNDS,
+    COLOURS,
+    SHAPES,
+    Obj,
+    Scene,
+    _draw_shape,
+    overlaps,
+    place_sized,
+)
 from vlmlab.data.world.tasks import TASK_SPECS, Sample, TaskSpec, relation_of
 from vlmlab.evaluation.cvbench import cvbench_prompt, model_prompt, slot_type
 from vlmlab.io import atomic_write_text
@@ -253,17 +262,8 @@ def _size(rng: random.Random, width: int, height: int, style: Style) -> int:
 
 def _place(rng, width, height, kinds, style, placed=()) -> tuple[Obj, ...] | None:
     """``placed`` plus one object per (shape, colour) kind at a random free place (None when one did not fit)."""
-    placed = list(placed)
-    for shape, colour in kinds:
-        size = _size(rng, width, height, style)
-        for _ in range(_MAX_TRIES):
-            obj = Obj(shape, colour, rng.randint(0, width - size), rng.randint(0, height - size), size)
-            if not any(overlaps(obj, other) for other in placed):
-                placed.append(obj)
-                break
-        else:
-            return None
-    return tuple(placed)
+    size = lambda kind: _size(rng, width, height, style)  # noqa: E731
+    return place_sized(rng, width, height, kinds, size, placed=tuple(placed), max_tries=_MAX_TRIES)
 
 
 # --- 3D ---------------------------------------------------------------------------------------------------------

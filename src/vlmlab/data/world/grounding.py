@@ -19,7 +19,7 @@ import math
 import random
 from dataclasses import dataclass
 
-from vlmlab.data.world.scenes import COLOURS, SHAPES, Obj, Scene, overlaps, sample_canvas
+from vlmlab.data.world.scenes import COLOURS, SHAPES, Obj, Scene, place_sized, sample_canvas
 from vlmlab.data.world.tasks import IMAGE_PLACEHOLDER, TASK_SPECS, Sample, TaskSpec
 from vlmlab.processing.boxes import encode_box
 
@@ -92,19 +92,13 @@ def _decoy(rng: random.Random, target: tuple[str, str, str], first: bool) -> tup
 def _place(
     rng: random.Random, width: int, height: int, kinds: list[tuple[str, str, str]]
 ) -> tuple[Obj, ...] | None:
-    placed: list[Obj] = []
     side = min(width, height)
-    for shape, colour, size_word in kinds:
-        low, high = SIZE_CLASSES[size_word]
-        size = rng.randint(math.ceil(low * side), math.floor(high * side))
-        for _ in range(_MAX_TRIES):
-            obj = Obj(shape, colour, rng.randint(0, width - size), rng.randint(0, height - size), size)
-            if not any(overlaps(obj, other) for other in placed):
-                placed.append(obj)
-                break
-        else:
-            return None
-    return tuple(placed)
+
+    def size(kind: tuple[str, str, str]) -> int:
+        low, high = SIZE_CLASSES[kind[2]]
+        return rng.randint(math.ceil(low * side), math.floor(high * side))
+
+    return place_sized(rng, width, height, kinds, size, max_tries=_MAX_TRIES)
 
 
 TASK_SPECS["ground"] = FreeTextTaskSpec("ground", SHAPES, make_ground)

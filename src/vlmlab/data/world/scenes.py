@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from PIL import Image, ImageChops, ImageDraw
@@ -112,17 +113,34 @@ def place_random(
     ``multi`` picks the smaller size range. Rejection sampling: each object retries its position up to
     ``max_tries`` times; the caller then resamples the scene.
     """
-    placed: list[Obj] = []
-    for shape, colour in kinds:
-        size = sample_size(rng, width, height, multi)
+    return place_sized(
+        rng, width, height, kinds, lambda kind: sample_size(rng, width, height, multi), max_tries=max_tries
+    )
+
+
+def place_sized(
+    rng: random.Random,
+    width: int,
+    height: int,
+    kinds: list[tuple],
+    size_of: Callable[[tuple], int],
+    placed: tuple[Obj, ...] = (),
+    max_tries: int = 200,
+) -> tuple[Obj, ...] | None:
+    """``placed`` plus one object per kind (its first two fields: shape, colour), of ``size_of(kind)`` pixels (drawn
+    just before the object is placed), at a random place overlapping none of the others (rejection sampling, up to
+    ``max_tries`` positions each); None when one did not fit."""
+    out = list(placed)
+    for kind in kinds:
+        size = size_of(kind)
         for _ in range(max_tries):
-            obj = Obj(shape, colour, rng.randint(0, width - size), rng.randint(0, height - size), size)
-            if not any(overlaps(obj, other) for other in placed):
-                placed.append(obj)
+            obj = Obj(kind[0], kind[1], rng.randint(0, width - size), rng.randint(0, height - size), size)
+            if not any(overlaps(obj, other) for other in out):
+                out.append(obj)
                 break
         else:
             return None
-    return tuple(placed)
+    return tuple(out)
 
 
 def render(scene: Scene) -> Image.Image:
