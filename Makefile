@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo bench bench-serve llava-family connectors grounding fusion test lint format setup browser clean
+.PHONY: demo bench bench-serve llava-family connectors grounding fusion hires test lint format setup browser clean
 
 $(STAMP):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,9 @@ grounding: $(STAMP)
 
 fusion: $(STAMP)
 	$(BIN)/python scripts/fusion.py --out runs/fusion
+
+hires: $(STAMP)
+	$(BIN)/python scripts/hires.py --out runs/hires
 
 # The chat page test (tests/serving/test_page.py) drives a real headless browser: Debian's Chromium, through the
 # Python playwright package (a dev extra), which is pointed at /usr/bin/chromium. Playwright's own browser

@@ -85,21 +85,9 @@ def train_task(
     return model, processor, time.perf_counter() - t0, samples
 
 
-def train_and_eval(
-    preset,
-    task: str,
-    world: Path,
-    run_dir: Path,
-    steps: int,
-    seed: int,
-    front_layout: float = 0.0,
-    align_steps: int = 300,
-    vision_lr: float = LR["vision"],
-    task_lr: float = LR["language"],
-):
-    model, processor, seconds, samples = train_task(
-        preset, (task,), world, run_dir, steps, seed, front_layout, align_steps, vision_lr, task_lr
-    )
+def train_and_eval(preset, task: str, world: Path, run_dir: Path, steps: int, seed: int, **options):
+    """``train_task`` on one task (``options``: its keyword settings), then the test split's accuracy on it."""
+    model, processor, seconds, samples = train_task(preset, (task,), world, run_dir, steps, seed, **options)
     records = [r for r in load_stage_records(["test.json"], world, None) if r.task == task]
     result, _ = evaluate(model, processor, records)
     t = result["tasks"][task]
@@ -107,9 +95,9 @@ def train_and_eval(
         "preset": preset.name,
         "task": task,
         "steps": steps,
-        "align_steps": align_steps,
-        "vision_lr": vision_lr,
-        "task_lr": task_lr,
+        "align_steps": options.get("align_steps", 300),
+        "vision_lr": options.get("vision_lr", LR["vision"]),
+        "task_lr": options.get("task_lr", LR["language"]),
         "accuracy": t["accuracy"],
         "blind_accuracy": t["blind_accuracy"],
         "n_test": t["n"],
@@ -179,10 +167,10 @@ def main(argv=None) -> int:
             args.out / preset.name,
             args.steps,
             args.seed,
-            front,
-            args.align_steps,
-            args.vision_lr,
-            args.task_lr,
+            front_layout=front,
+            align_steps=args.align_steps,
+            vision_lr=args.vision_lr,
+            task_lr=args.task_lr,
         )
         print(
             f"  accuracy {r['accuracy']:.3f}  blind {r['blind_accuracy']:.3f}  ({r['train_seconds']} s)",
