@@ -127,15 +127,21 @@ def comparison_setup(
     unknown = [n for n in names if n not in PRESETS]
     if unknown:
         ap.error(f"unknown preset(s) {unknown}; valid: {sorted(PRESETS)}")
+    return args, names, comparison_world(args, extra_tasks=extra_tasks)
+
+
+def comparison_world(args: argparse.Namespace, **tasks) -> Path:
+    """The world under ``--out`` with ``--n-train`` / ``--n-test`` records per task and ``--n-captions`` captions
+    (``tasks``: ``build_world``'s ``tasks`` / ``extra_tasks``)."""
     world = args.out / "world"
     build_world(
         world,
         seed=args.seed,
         n_per_task={"train": args.n_train, "val": 0, "test": args.n_test},
         n_captions={"train": args.n_captions, "val": 0, "test": 0},
-        extra_tasks=extra_tasks,
+        **tasks,
     )
-    return args, names, world
+    return world
 
 
 def save_results(args: argparse.Namespace, results: list[dict]) -> None:

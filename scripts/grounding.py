@@ -17,9 +17,10 @@ import sys
 import time
 from pathlib import Path
 
+from connectors import comparison_world
+
 from vlmlab.api import build
 from vlmlab.data.dataset import load_stage_records
-from vlmlab.data.world import build_world
 from vlmlab.evaluation.evaluate import evaluate
 from vlmlab.io import atomic_write_json
 from vlmlab.presets import PRESETS
@@ -60,15 +61,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.preset not in PRESETS:
         ap.error(f"unknown preset {args.preset!r}; valid: {sorted(PRESETS)}")
-    world = args.out / "world"
-    build_world(
-        world,
-        seed=args.seed,
-        n_per_task={"train": args.n_train, "val": 0, "test": args.n_test},
-        n_captions={"train": args.n_captions, "val": 0, "test": 0},
-        tasks=(),
-        extra_tasks=(TASK,),
-    )
+    world = comparison_world(args, tasks=(), extra_tasks=(TASK,))
     seed_everything(args.seed)
     preset = PRESETS[args.preset]()
     model, processor = build(preset)

@@ -20,10 +20,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from connectors import save_results
+from connectors import comparison_world, save_results
 from llava_family import train_and_eval, train_task
 
-from vlmlab.data.world import build_world
 from vlmlab.data.world.cvbench import CVBENCH_FILE, CVBENCH_SPLIT, CVBENCH_TASKS
 from vlmlab.evaluation.cvbench import evaluate_cvbench, read_cvbench
 from vlmlab.presets import PRESETS
@@ -68,15 +67,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     experiments = args.experiments.split(",")
-    world = args.out / "world"
-    build_world(
-        world,
-        seed=args.seed,
-        n_per_task={"train": args.n_train, "val": 0, "test": args.n_test},
-        n_captions={"train": args.n_captions, "val": 0, "test": 0},
-        tasks=(),
-        extra_tasks=("detail", *CVBENCH_TASKS),
-    )
+    world = comparison_world(args, tasks=(), extra_tasks=("detail", *CVBENCH_TASKS))
     results = []
     if "detail" in experiments:
         for name in [n for n in args.detail_presets.split(",") if n]:
