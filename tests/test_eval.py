@@ -153,7 +153,11 @@ def test_evaluate_a_tiny_model_and_write_results(tiny_model, records, tmp_path):
     for r in rows:
         assert r["correct"] == (normalize_answer(r["prediction"]) == normalize_answer(r["answer"]))
     # Predictions are what predict() returns for the same records: evaluation adds nothing of its own.
-    assert [r["prediction"] for r in rows] == predict(model, proc, records, max_new_tokens=4)
+    # The budget is the asked 4 tokens or the longest answer's (plus the end of turn), whichever is larger.
+    budget = result["settings"]["decoding"]["max_new_tokens"]
+    longest = max(len(proc.tokenizer(r["answer"], add_special_tokens=False)["input_ids"]) for r in rows)
+    assert budget == max(4, longest + 2)
+    assert [r["prediction"] for r in rows] == predict(model, proc, records, max_new_tokens=budget)
     assert result["settings"]["num_image_tokens"] == proc.num_image_tokens
 
     write_results(result, rows, tmp_path / "out")

@@ -93,6 +93,14 @@ def predict(
     return out
 
 
+def answer_budget(processor: Processor, records: Sequence[Record]) -> int:
+    """New tokens that fit the longest reference answer in this tokenizer's tokens, plus the end of turn: a
+    tokenizer that splits an answer word into pieces (one not trained on the task's text) is not cut short."""
+    answers = {split_prompt(r)[1] for r in records}
+    tok = processor.tokenizer
+    return max((len(tok(a, add_special_tokens=False)["input_ids"]) + 2 for a in answers), default=0)
+
+
 def image_size(source) -> tuple[int, int]:
     """(width, height) of an image given as a PIL image, a path or bytes (read from the header only)."""
     if isinstance(source, Image.Image):
@@ -112,7 +120,13 @@ def evaluate(
 ) -> tuple[dict, list[dict]]:
     """``({"tasks": {task: {"accuracy", "blind_accuracy", "n"}}, "settings": ...}, per-record predictions)``."""
     records = [r for r in records if any(m["role"] == "assistant" for m in r.messages)]
-    max_new_tokens = max([max_new_tokens, *(TASK_MIN_NEW_TOKENS.get(r.task, 0) for r in records)])
+    max_new_tokens = max(
+        [
+            max_new_tokens,
+            *(TASK_MIN_NEW_TOKENS.get(r.task, 0) for r in records),
+            answer_budget(processor, records),
+        ]
+    )
     preds = predict(model, processor, records, batch_size=batch_size, max_new_tokens=max_new_tokens)
     blind = (
         predict(model, processor, records, blind=True, batch_size=batch_size, max_new_tokens=max_new_tokens)
