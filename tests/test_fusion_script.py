@@ -21,4 +21,4 @@ def test_fusion_comparison_runs_and_keeps_the_text_ability(tmp_path):
         assert [s["name"] for s in r["stages"]] == ["llm", "pretrain"]
         assert r["text_loss_at_end"] == r["text_loss_after_llm_stage"]  # exactly: the LLM was frozen
         assert {"colour", "shape"} <= set(r["tasks"])
-    assert results[1]["visual_tokens_per_image"] == 1 and results[1]["features_per_image"] == 16
+    assert results[1]["visual_tokens_per_image"] == 1 and results[1]["features_per_image"] == 64
