@@ -19,7 +19,9 @@ def test_hires_comparisons_run_and_write_results(tmp_path):
     results = json.loads((out / "results.json").read_text())["results"]
     detail, cv = results
     assert (detail["preset"], detail["task"]) == ("fuyu-tiny", "detail")
-    assert detail["visual_tokens_per_image"] == 8 * 8  # 128 px detail images shrunk to the 64 px limit: 8 x 8 patches
+    assert (
+        detail["visual_tokens_per_image"] == 8 * 8
+    )  # 128 px detail images shrunk to the 64 px limit: 8 x 8 patches
     assert 0 <= detail["accuracy"] <= 1 and 0 <= detail["blind_accuracy"] <= 1
     assert (cv["preset"], cv["task"]) == ("cambrian-tiny", "cvbench")
     score = cv["score"]

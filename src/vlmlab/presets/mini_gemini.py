@@ -152,14 +152,14 @@ def mini_gemini_tiny() -> Preset:
         ),
         preset="mini-gemini-tiny",
     )
-    # MGM's stage 1: the connector alone (the mining projections and the projector), on captions; stage 2: the
-    # connector and the LLM on everything. The tiny towers are random, so unlike MGM's they train in stage 2 (10x
-    # slower): with both random towers frozen the tiny model learnt nothing from the image in 1000 steps.
+    # MGM's stage 1 (the mining projections and the projector, on captions) and stage 2 (with the LLM, on
+    # everything). The tiny LLM and towers are random, so unlike MGM's the LLM trains in stage 1 and the towers in
+    # stage 2 (10x slower): with MGM's trainable sets the tiny model learnt nothing from the image in 1000 steps.
     recipe = [
         Stage(
             name="pretrain",
-            train=("connector",),
-            lr={"connector": 1e-3},
+            train=("connector", "language"),
+            lr={"connector": 1e-3, "language": 1e-3},
             steps=300,
             tasks=("caption",),
             batch_size=32,
