@@ -108,10 +108,13 @@ def render(s: dict[str, Any]) -> str:
 
 
 def fusion_name(fusion) -> str:
-    """``routed (expert)``, ``cross (gated)``, ``routed (expert) + cross (parallel)``; empty without fusion."""
+    """``routed (expert)``, ``cross (gated)``, ``routed (expert) + cross (parallel)``, ``regional (SVA)``; empty
+    without fusion."""
     if fusion is None:
         return ""
     names = [f"routed ({fusion.mode})"] if fusion.mode else []
     if fusion.cross is not None:
         names.append(f"cross ({fusion.cross.kind})")
+    if getattr(fusion, "regional", None) is not None:
+        names.append("regional (SVA)")
     return " + ".join(names)
