@@ -453,19 +453,23 @@ def xcomposer2_tiny() -> Preset:
 
 
 def flamingo_tiny() -> Preset:
-    """64 perceiver latents per image (one layer), a gated block in front of every layer (Flamingo-3B's n = 1)."""
+    """Flamingo's gated block (LayerNorm, GELU FF x4, tanh gates at 0) in front of every 2nd layer (OpenFlamingo's
+    placement: layers 1 and 3), reading a Linear over the 64 patch features of each image.
+
+    Not the perceiver: trained from scratch through gates that start shut, with the LLM frozen, a perceiver (16
+    latents x 2 layers at lr 2e-3 or 1e-2; 64 latents x 1 layer at lr 2e-3 or 1e-2; blocks in front of every
+    layer or every 2nd) never lifted the model above its blind baseline in 1000 steps, while this composition
+    does. ``perceiver-tiny`` and the real-scale ``flamingo`` use the perceiver."""
     config = _tiny(
         "flamingo-tiny",
-        ConnectorConfig(name="perceiver", params={"n_latents": 64, "depth": 1, "heads": 4, "dim_head": 24}),
-        FusionConfig(mode=None, cross=flamingo_cross(every=1)),
+        ConnectorConfig(name="linear"),
+        FusionConfig(mode=None, cross=flamingo_cross(every=2)),
     )
     return _tiny_preset(
         "flamingo-tiny",
         config,
-        # The gated path learns slowly from scratch (tanh gates start at 0 and the perceiver reaches the LLM only
-        # through them): the perceiver and the blocks take a 5x larger learning rate than the other tiny presets.
-        frozen_llm_recipe(700, lr={"connector": 1e-2, "fusion": 1e-2}),
-        "Flamingo's perceiver and gated cross-attention at CPU scale",
+        frozen_llm_recipe(700),
+        "Flamingo's gated cross-attention blocks at CPU scale",
     )
 
 
