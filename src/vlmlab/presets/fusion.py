@@ -456,10 +456,11 @@ def flamingo_tiny() -> Preset:
     """Flamingo's gated block (LayerNorm, GELU FF x4, tanh gates at 0) in front of every 2nd layer (OpenFlamingo's
     placement: layers 1 and 3), reading a Linear over the 64 patch features of each image.
 
-    Not the perceiver: trained from scratch through gates that start shut, with the LLM frozen, a perceiver (16
-    latents x 2 layers at lr 2e-3 or 1e-2; 64 latents x 1 layer at lr 2e-3 or 1e-2; blocks in front of every
-    layer or every 2nd) never lifted the model above its blind baseline in 1000 steps, while this composition
-    does. ``perceiver-tiny`` and the real-scale ``flamingo`` use the perceiver."""
+    Not the perceiver: trained from scratch through gates that start shut, with the LLM frozen, the perceiver never
+    lifted the model above its blind baseline in 1000 steps (16 latents x 2 layers with blocks in front of every
+    layer at lr 2e-3 and 1e-2 or of every 2nd layer at 2e-3; 64 latents x 1 layer in front of every layer at 2e-3
+    and 1e-2), nor did a Linear with blocks in front of every layer at 1e-2; this composition does
+    (scripts/fusion.py). ``perceiver-tiny`` and the real-scale ``flamingo`` use the perceiver."""
     config = _tiny(
         "flamingo-tiny",
         ConnectorConfig(name="linear"),
