@@ -15,6 +15,7 @@ Llama-family decoders (Llama, Qwen2, Mistral) then decode each new token with vl
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 
 import torch
@@ -110,25 +111,13 @@ def generate(model, input_ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     fused = getattr(model, "fused", None)
     if fused is None:
         return _generate(model, input_ids, *args, **kwargs)
-    visual = {k: v for k, v in kwargs.items() if k not in GENERATE_OPTIONS}
+    options = _decoding_options()
+    visual = {k: v for k, v in kwargs.items() if k not in options}
     pixels = args[1] if len(args) > 1 else kwargs.get("pixel_values")
     visual.pop("pixel_values", None)
     visual.pop("attention_mask", None)
     with fused(input_ids, pixels, **visual):
         return _generate(model, input_ids, *args, **kwargs)
-
-
-GENERATE_OPTIONS = (
-    "max_new_tokens",
-    "do_sample",
-    "temperature",
-    "top_p",
-    "eos_token_id",
-    "pad_token_id",
-    "stop",
-    "use_cache",
-    "generator",
-)
 
 
 def _generate(
@@ -219,3 +208,9 @@ def _decoder_step(language, cache) -> Callable[[torch.Tensor, torch.Tensor, torc
         return out.logits[:, -1]
 
     return step
+
+
+def _decoding_options() -> set[str]:
+    """``_generate``'s keyword-only settings (everything else a caller passes is a visual input)."""
+    params = inspect.signature(_generate).parameters.values()
+    return {p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
