@@ -6,6 +6,7 @@ positions change, each from its own region; text-only input is the base LLM; cac
 LLM gets no gradient; the checkpoint round-trips. The presets: Cambrian-1-8B's numbers on the meta device, the
 CPU-scale variant trains a step."""
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -262,6 +263,49 @@ def test_cached_generation_equals_uncached_and_the_checkpoint_round_trips(cambri
     # The decoder's keys are the base LLM's: the aggregation layers live under regional_attn.
     assert set(model.language.state_dict()) == set(without_regional(model).language.state_dict())
     assert "regional_attn.0.proj_in.weight" in model.state_dict()
+
+
+def test_the_towers_run_once_per_forward_generate_and_served_prefill(cambrian):
+    """The connector (via ``embed``) and the in-decoder re-aggregation read the same tower features: one run of
+    each tower per call, with the outputs and gradients of running them twice."""
+    from vlmlab.inference.batch import DecodeBatch
+
+    model, proc = cambrian
+    b = chat(proc, "Look: <image> What color?", [image("red")])
+    runs = []
+    handles = [
+        t.register_forward_hook(lambda m, a, o: runs.append(m)) for t in (model.vision, *model.extra_vision)
+    ]
+    with torch.no_grad():
+        logits = model(**b).logits
+    assert len(runs) == 2  # two towers, once each
+    runs.clear()
+    tokens = model.generate(**b, max_new_tokens=3)
+    assert len(runs) == 2
+    runs.clear()
+    DecodeBatch(model, context=128).add("row", b["input_ids"], pixel_values=b["pixel_values"])
+    assert len(runs) == 2
+    for h in handles:
+        h.remove()
+
+    # The same numbers as two separate runs (the record turned off): logits, tokens and every gradient.
+    def loss_and_grads():
+        model.zero_grad()
+        out = model(**{**b, "labels": b["input_ids"]})
+        out.loss.backward()
+        return out.logits.detach(), {
+            n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
+        }
+
+    shared = loss_and_grads()
+    model._towers_once = contextlib.nullcontext
+    twice = loss_and_grads()
+    del model._towers_once
+    assert torch.equal(shared[0], twice[0]) and torch.equal(logits, twice[0])
+    assert shared[1].keys() == twice[1].keys() and any(n.startswith("vision.") for n in shared[1])
+    for n in shared[1]:
+        torch.testing.assert_close(shared[1][n], twice[1][n], rtol=1e-6, atol=1e-7, msg=n)
+    assert torch.equal(tokens, model.generate(**b, max_new_tokens=3))
 
 
 def test_frozen_llm_gets_no_gradient(cambrian):

@@ -81,7 +81,6 @@ class DecodeBatch:
         if self.context <= P:
             raise ValueError(f"prompt of {P} tokens does not fit the context of {self.context}")
         pixel_values = visual_inputs.pop("pixel_values", None)
-        embeds = self.model.embed(input_ids, pixel_values, **visual_inputs)
         own = kv_cache(self.language, P)
         mask = torch.ones(1, P, dtype=torch.long)
         positions_of = getattr(self.model, "positions", None)
@@ -90,6 +89,7 @@ class DecodeBatch:
         # which take the base weights outside the context, so the decode steps need nothing per row.
         fused = getattr(self.model, "fused", None)
         with fused(input_ids, pixel_values, **visual_inputs) if fused else contextlib.nullcontext():
+            embeds = self.model.embed(input_ids, pixel_values, **visual_inputs)
             logits = _decoder_step(self.language, own)(embeds, mask, positions)
         self._grow(P)
         if self.t < P:  # make room on the left: shift the running rows right (t becomes P <= width)

@@ -69,6 +69,9 @@ class VisionLanguageModel(nn.Module):
         self.cross_vision: nn.Module | None = None
         self.regional_attn: nn.ModuleDict | None = None
         """Cambrian-1's in-decoder aggregation layers (``fusion.regional``), keyed by decoder layer index."""
+        self._tower_runs: dict[int, tuple] | None = None
+        """Inside ``fused`` with ``fusion.regional``: the towers' features of each pixel tensor seen, so that
+        ``embed`` (the connector's input) and the re-aggregation (the decoder's) share one run of the towers."""
         if config.fusion is not None:
             self._build_fusion(config.fusion, load_pretrained)
         if hasattr(self.vision, "architecture_params"):
@@ -237,7 +240,8 @@ class VisionLanguageModel(nn.Module):
         """The context in which the decoder runs over ``input_ids`` with this model's deep fusion
         (``config.fusion``): image placeholder rows routed to the image weights; the cross-attention blocks
         reading this batch's visual features (``cross_media``); the image rows re-reading the towers' regions
-        (``fusion.regional``: the towers run here too, a second time beside ``embed``'s run). Positions after
+        (``fusion.regional``: the towers run once, at entry, and ``embed`` inside the context reuses their
+        features, so call ``embed`` inside it). Positions after
         ``input_ids`` (generated tokens) are text rows that see what the last prompt token sees. A no-op without
         fusion."""
         with contextlib.ExitStack() as stack:
@@ -257,12 +261,26 @@ class VisionLanguageModel(nn.Module):
             if self.regional_attn is not None:
                 from vlmlab.models.fusion.sva import regional
 
+                stack.enter_context(self._towers_once())
                 feats = None
                 if pixel_values is not None:
                     feats = self.tower_features(pixel_values.to(self.dtype_of_vision()), **extra)
                 decoder, image_id = self.language.get_decoder(), self.config.image_token_id
                 stack.enter_context(regional(decoder, self.connector, feats, input_ids, image_id))
             yield
+
+    @contextlib.contextmanager
+    def _towers_once(self):
+        """Within it, ``tower_features`` of the same pixel tensor (the same object, unmodified) runs the towers
+        once; nested entries share the outermost's record, which is dropped at its exit."""
+        if self._tower_runs is not None:
+            yield
+            return
+        self._tower_runs = {}
+        try:
+            yield
+        finally:
+            self._tower_runs = None
 
     def cross_media(
         self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, **extra
@@ -347,6 +365,17 @@ class VisionLanguageModel(nn.Module):
     def tower_features(self, pixel_values: torch.Tensor, **extra) -> torch.Tensor | list[torch.Tensor]:
         """The tower's ``[N, N_vis, D_vis]``; with ``extra_vision``, every tower on its own view of the images:
         a list for a multi-encoder connector, else concatenated on the primary's grid (``encoders/multi.py``)."""
+        runs = self._tower_runs
+        if runs is not None:
+            seen = runs.get(id(pixel_values))
+            if seen is not None and seen[0] is pixel_values and seen[1] == pixel_values._version:
+                return seen[2]
+        feats = self._run_towers(pixel_values, **extra)
+        if runs is not None:
+            runs[id(pixel_values)] = (pixel_values, pixel_values._version, feats)
+        return feats
+
+    def _run_towers(self, pixel_values: torch.Tensor, **extra) -> torch.Tensor | list[torch.Tensor]:
         if not self.extra_vision and not self.multi_encoder:
             return self.vision(pixel_values, **_inputs_of(self.vision, extra))
         from vlmlab.models.encoders.multi import concat_on_grid, tower_view
@@ -520,10 +549,10 @@ class VisionLanguageModel(nn.Module):
         if position_ids is None and attention_mask is not None and past_key_values is None:
             position_ids = self.positions(input_ids, attention_mask)
         extra = {k: v for k, v in extra.items() if k in EXTRA_VISUAL_INPUTS}
-        inputs_embeds = self.embed(
-            input_ids, pixel_values, image_sizes, pixel_values_videos, batch_num_images, **extra
-        )
         with self.fused(input_ids, pixel_values, **extra):
+            inputs_embeds = self.embed(
+                input_ids, pixel_values, image_sizes, pixel_values_videos, batch_num_images, **extra
+            )
             if (
                 labels is not None
                 and supervised_logits_only
