@@ -6,6 +6,7 @@ import dataclasses
 import os
 from pathlib import Path
 
+from vlmlab.errors import ConfigError
 from vlmlab.models.vlm import VisionLanguageModel
 from vlmlab.presets import PRESETS, Preset
 from vlmlab.processing.processor import Processor
@@ -28,10 +29,37 @@ def build(preset: str | Preset, load_pretrained: bool = True) -> tuple[VisionLan
     return model, Processor(tokenizer, config.processor, model.num_image_tokens)
 
 
-def save(model: VisionLanguageModel, processor: Processor, path: str | os.PathLike) -> None:
-    """A self-contained model directory: config, weights, tokenizer and processor settings."""
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
+def save(
+    model: VisionLanguageModel, processor: Processor, path: str | os.PathLike, format: str = "vlmlab"
+) -> list[str]:
+    """A self-contained model directory, written atomically (an interrupted save leaves the previous one); returns
+    the file names written.
+
+    ``format="vlmlab"``: config, weights, tokenizer and processor settings (``vlmlab.load`` reads it back).
+    ``format="hf"``: what transformers and engines built on it (vLLM, SGLang) load: its model type's
+    ``config.json`` and weights, the tokenizer with its chat template, and, where transformers has the model
+    type's processor (``llava``, ``llava_next``), its ``preprocessor_config.json`` / ``processor_config.json``,
+    set so that ``AutoProcessor`` makes the ``input_ids`` and ``pixel_values`` vlmlab's processor makes."""
+    from vlmlab.io import write_directory
+
+    if format not in ("vlmlab", "hf"):
+        raise ConfigError(f"save: format {format!r} is not one of ['vlmlab', 'hf']")
+
+    def write(tmp: Path) -> None:
+        if format == "hf":
+            from vlmlab.interop.hf import HF_FORMATS, export_hf, export_hf_processor, hf_model_type
+
+            model_type = hf_model_type(model.config)
+            export_hf(model, tmp, HF_FORMATS, model_type)
+            export_hf_processor(model, processor, tmp, HF_FORMATS, model_type)
+        else:
+            model.save_pretrained(tmp)
+            processor.save_pretrained(tmp)
+
+    out = write_directory(
+        path, write, replaceable=lambda p: (p / "config.json").is_file() or not any(p.iterdir())
+    )
+    return sorted(str(f.relative_to(out)) for f in out.rglob("*") if f.is_file())
 
 
 def from_pretrained(path: str | os.PathLike) -> VisionLanguageModel:

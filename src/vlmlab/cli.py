@@ -185,6 +185,14 @@ def cmd_chat(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from vlmlab.api import load, save
+
+    model, processor = load(args.checkpoint)
+    files = save(model, processor, args.out, format=args.format)
+    print(f"{args.out} ({args.format}): {', '.join(files)}")
+
+
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
@@ -370,6 +378,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--stop", action="append", help="stop string (repeat for several)")
     s.set_defaults(fn=cmd_chat)
+
+    s = sub.add_parser(
+        "export",
+        help="write a model directory in another format: transformers' (weights, config, tokenizer, processor) "
+        "or vlmlab's",
+        description="Load a vlmlab model directory, a training checkpoint or a transformers checkpoint directory "
+        "and write it, atomically, as --format hf (what transformers' own class, AutoProcessor and engines "
+        "built on transformers load) or --format vlmlab.",
+    )
+    s.add_argument(
+        "checkpoint", help="a vlmlab model directory, training checkpoint or transformers directory"
+    )
+    s.add_argument("out", help="the directory to write (an existing model directory there is replaced)")
+    s.add_argument("--format", choices=["hf", "vlmlab"], default="hf")
+    s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser(
         "serve",

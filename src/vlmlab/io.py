@@ -6,6 +6,8 @@ Role: the one place vlmlab writes configs, eval summaries, metrics and quarantin
 - ``atomic_write_bytes/text/json``: write a temp file in the same directory, flush + fsync it, ``os.replace`` it
   over the target, then fsync the directory. Readers see either the old file or the new one, never a mix; the
   rename is only atomic within one filesystem, hence "same directory".
+- ``write_directory``: a whole directory (a saved or exported model) written under a temp name beside the target,
+  every file fsynced, then renamed into place: an interrupted save leaves the previous directory or none.
 - ``JsonlWriter``: one JSON record per line, flushed and fsynced per record, so a crash loses at most the record
   being written.
 - ``read_jsonl``: drops a partial last line (a crash mid-record) but raises ``DataError`` for corruption anywhere
@@ -22,7 +24,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from vlmlab.errors import DataError
+from vlmlab.errors import CheckpointError, DataError
 
 __all__ = [
     "JsonlWriter",
@@ -30,6 +32,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "fsync_dir",
+    "write_directory",
     "read_jsonl",
 ]
 
@@ -43,6 +46,40 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_directory(path: str | os.PathLike[str], write, replaceable=lambda p: True) -> Path:
+    """``write(tmp)`` fills a fresh ``<path>.tmp-<pid>`` beside ``path``; its files are fsynced, then it replaces
+    ``path`` (moved aside first, then deleted: POSIX cannot rename onto a non-empty directory). An existing
+    ``path`` for which ``replaceable(path)`` is false is refused before anything is written."""
+    import shutil
+
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or not replaceable(path)):
+        raise CheckpointError(f"{path}: refusing to overwrite: it exists and is not a model directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f"{path.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = path.parent / f"{path.name}.old-{os.getpid()}" if path.exists() else None
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:

@@ -8,12 +8,13 @@ Key maps are declarative and loading fails loudly on missing, unexpected or mis-
 ``extra_tensors(path, hf_config, tensors)`` (tensors stored beside the checkpoint), ``import_tensors(tensors,
 hf_config)`` / ``export_tensors(state, model)`` (tensors that are not a rename: split, concatenated or renumbered,
 before the import's renaming and after the export's), ``export_drops(key)`` (vlmlab-only tensors), ``config_extras(path, hf_config) -> dict`` (settings kept beside
-``config.json``, merged into it before ``config_from_hf``).
+``config.json``, merged into it before ``config_from_hf``), ``export_processor(model, processor)`` (transformers'
+processor that makes vlmlab's inputs, written by ``vlmlab.save(..., format="hf")``; None: the tokenizer alone).
 """
 
 from vlmlab.interop.hf import fuyu, idefics1, internvl, llava, mllama
 from vlmlab.interop.hf.blip2 import blip_2, instructblip
-from vlmlab.interop.hf.convert import export_hf, import_hf, is_hf_checkpoint
+from vlmlab.interop.hf.convert import export_hf, export_hf_processor, import_hf, is_hf_checkpoint
 from vlmlab.interop.hf.idefics import idefics2, idefics3
 from vlmlab.interop.hf.llava_next import hf_model_type, llava_next, llava_next_video, llava_onevision
 from vlmlab.interop.original import llava as original_llava
@@ -34,4 +35,4 @@ HF_FORMATS["internvl"] = internvl
 HF_FORMATS["mllama"] = mllama
 HF_FORMATS["fuyu"] = fuyu
 
-__all__ = ["HF_FORMATS", "export_hf", "hf_model_type", "import_hf", "is_hf_checkpoint"]
+__all__ = ["HF_FORMATS", "export_hf", "export_hf_processor", "hf_model_type", "import_hf", "is_hf_checkpoint"]

@@ -66,8 +66,7 @@ def import_hf(path: str | os.PathLike, formats) -> object:
     fmt = formats[hf_config["model_type"]]
     if hasattr(fmt, "config_extras"):  # settings kept beside config.json (e.g. a token id in the tokenizer)
         hf_config = {**hf_config, **fmt.config_extras(path, hf_config)}
-    pre = path / "preprocessor_config.json"
-    preprocessor = json.loads(pre.read_text()) if pre.is_file() else None
+    preprocessor = read_preprocessor_config(path)
     model = VisionLanguageModel(fmt.config_from_hf(hf_config, preprocessor), load_pretrained=False)
     tensors = read_hf_tensors(path)
     if hasattr(fmt, "extra_tensors"):  # e.g. a vision tower stored beside the checkpoint
@@ -108,3 +107,33 @@ def export_hf(model, path: str | os.PathLike, formats, model_type: str) -> None:
         state = fmt.export_tensors(state, model)
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
     (path / CONFIG).write_text(json.dumps(fmt.export_config(model), indent=2))
+
+
+def export_hf_processor(model, processor, path: str | os.PathLike, formats, model_type: str) -> bool:
+    """Beside an ``export_hf`` checkpoint: transformers' processor for ``model_type`` built by the format's
+    ``export_processor(model, processor)`` (tokenizer, chat template, image settings), or the tokenizer alone
+    where the format has none. Returns whether a processor was written."""
+    make = getattr(formats[model_type], "export_processor", None)
+    hf_processor = make(model, processor) if make is not None else None
+    if hf_processor is None:
+        processor.tokenizer.save_pretrained(str(path))
+        return False
+    hf_processor.save_pretrained(str(path))
+    # transformers 5 keeps the image settings inside processor_config.json; 4.x (what a serving engine may pin)
+    # reads preprocessor_config.json: both are written.
+    hf_processor.image_processor.save_pretrained(str(path))
+    return True
+
+
+def read_preprocessor_config(path: Path) -> dict | None:
+    """The image processor settings beside a checkpoint: ``preprocessor_config.json`` (transformers 4.x and 5), or
+    the ``image_processor`` entry of ``processor_config.json`` (what transformers 5 alone writes); None."""
+    pre, proc = path / "preprocessor_config.json", path / "processor_config.json"
+    try:
+        if pre.is_file():
+            return json.loads(pre.read_text())
+        if proc.is_file():
+            return json.loads(proc.read_text()).get("image_processor")
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{pre if pre.is_file() else proc}: invalid JSON ({e})") from None
+    return None

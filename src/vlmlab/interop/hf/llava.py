@@ -42,16 +42,86 @@ STRATEGIES = {"default": "patch", "full": "cls_patch"}
 
 
 def processor_from_hf(image_size: int, preprocessor: dict | None) -> ProcessorConfig:
-    """Image settings from ``preprocessor_config.json`` (CLIP: shortest-edge resize + centre crop)."""
+    """Image settings from ``preprocessor_config.json``: CLIP's shortest-edge resize + centre crop, or a resize to
+    ``{"height", "width"}`` without the crop (``squash``); ``do_pad`` is LLaVA-1.5's pad to a square with the mean
+    colour (``LlavaImageProcessor``). The inverse of ``image_processor_settings``."""
     if not preprocessor:
         return ProcessorConfig(image_size=image_size, resize="shortest_edge_crop")
     crop = preprocessor.get("crop_size") or {}
     side = crop.get("height", image_size) if isinstance(crop, dict) else int(crop)
+    size = preprocessor.get("size") or {}
+    crops = preprocessor.get("do_center_crop", True)
+    if not crops and isinstance(size, dict) and "height" in size:
+        side = size["height"]
     return ProcessorConfig(
         image_size=side,
         image_mean=tuple(preprocessor.get("image_mean", CLIP_MEAN)),
         image_std=tuple(preprocessor.get("image_std", CLIP_STD)),
-        resize="shortest_edge_crop" if preprocessor.get("do_center_crop", True) else "squash",
+        resize="shortest_edge_crop" if crops else "squash",
+        pad_to_square=bool(preprocessor.get("do_pad", False)),
+    )
+
+
+def image_processor_settings(cfg: ProcessorConfig) -> dict:
+    """transformers image processor settings (CLIP / LLaVA family, PIL backend) that turn an image into the
+    tensor vlmlab's ``image_to_tensor`` makes of it: bicubic resize, rescale by 1/255, normalise."""
+    side = cfg.image_size
+    settings = {
+        "image_mean": list(cfg.image_mean),
+        "image_std": list(cfg.image_std),
+        "do_pad": cfg.pad_to_square,
+        "resample": 3,  # PIL bicubic
+    }
+    if cfg.resize == "shortest_edge_crop":
+        return {
+            **settings,
+            "size": {"shortest_edge": side},
+            "crop_size": {"height": side, "width": side},
+            "do_center_crop": True,
+        }
+    if cfg.resize == "squash":
+        return {**settings, "size": {"height": side, "width": side}, "do_center_crop": False}
+    raise ConfigError(f"format='hf': no transformers image processor resizes like {cfg.resize!r}")
+
+
+def processor_settings(processor, model) -> dict:
+    """``LlavaProcessor``'s (and the NeXT family's) settings for vlmlab's model: the tower's patch size and a
+    count of extra rows such that one view gives ``model``'s tokens per view; the placeholder; the tokenizer's
+    chat template (what ``AutoProcessor.apply_chat_template`` and serving engines use)."""
+    cfg = model.config
+    patch = cfg.vision.params["patch_size"]
+    strategy = {v: k for k, v in STRATEGIES.items()}[cfg.vision.select_feature]
+    per_view = (cfg.vision.image_size // patch) ** 2  # model.num_image_tokens: one view's rows (CLS or not)
+    return {
+        "patch_size": patch,
+        "vision_feature_select_strategy": strategy,
+        "num_additional_image_tokens": model.num_image_tokens - per_view + (strategy == "default"),
+        "image_token": cfg.processor.image_token,
+        "chat_template": getattr(processor.tokenizer, "chat_template", None),
+    }
+
+
+def generation_tokenizer(tokenizer):
+    """A copy of ``tokenizer`` that pads on the left and says so in its saved config: vlmlab's generation batches
+    are left-padded, and transformers' ``generate`` expects them so."""
+    import copy
+
+    out = copy.copy(tokenizer)
+    out.padding_side = "left"
+    out.init_kwargs = {**tokenizer.init_kwargs, "padding_side": "left"}
+    return out
+
+
+def export_processor(model, processor):
+    """transformers' ``LlavaProcessor`` that makes vlmlab's ``input_ids`` and ``pixel_values`` for this model
+    (``vlmlab.save(..., format="hf")`` writes it beside the weights)."""
+    from transformers import LlavaImageProcessorPil, LlavaProcessor
+
+    image_processor = LlavaImageProcessorPil(**image_processor_settings(model.config.processor))
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=generation_tokenizer(processor.tokenizer),
+        **processor_settings(processor, model),
     )
 
 

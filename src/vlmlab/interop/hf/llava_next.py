@@ -21,7 +21,8 @@ def _anyres(hf: dict, **extra) -> AnyResConfig:
 
 
 def _with(config: ModelConfig, preset: str, anyres: AnyResConfig, video: VideoConfig | None, hf: dict):
-    processor = dataclasses.replace(config.processor, anyres=anyres, video=video)
+    # These image processors' ``do_pad`` stacks images of fewer tiles with zero tiles: not a pad to a square.
+    processor = dataclasses.replace(config.processor, anyres=anyres, video=video, pad_to_square=False)
     return dataclasses.replace(
         config,
         processor=processor,
@@ -99,6 +100,28 @@ class Format:
         d = llava.export_config(model, getattr(transformers, self.config_cls), **extra)
         d["architectures"] = [self.architecture]
         return d
+
+    def export_processor(self, model, processor):
+        """transformers' ``LlavaNextProcessor`` (AnyRes pinpoints, base view per the processor's resize) making
+        vlmlab's ``input_ids`` and ``pixel_values`` for this model. llava_next only: the video and OneVision
+        processors need torchvision's video backends, which this environment does not install."""
+        if self.model_type != "llava_next":
+            return None
+        from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
+
+        cfg = model.config.processor
+        settings = llava.image_processor_settings(cfg)
+        del settings[
+            "do_pad"
+        ]  # LlavaNext's do_pad stacks images of fewer tiles with zero tiles (its default)
+        image_processor = LlavaNextImageProcessorPil(
+            **settings, image_grid_pinpoints=[list(p) for p in cfg.anyres.grid_pinpoints]
+        )
+        return LlavaNextProcessor(
+            image_processor=image_processor,
+            tokenizer=llava.generation_tokenizer(processor.tokenizer),
+            **llava.processor_settings(processor, model),
+        )
 
 
 def hf_model_type(config: ModelConfig) -> str:
