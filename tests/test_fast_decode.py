@@ -220,3 +220,25 @@ def test_training_mode_hooks_adapters_and_half_precision_fall_back(tokenizer):
     attn.q_proj = attn.q_proj[0]
     language.to(torch.bfloat16)
     assert "fp32" in unsupported_reason(language, cache)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_is_f_linear_on_every_path(monkeypatch, rows, bias):
+    """``fast_decode.linear`` (oneDNN where torch has it, ``W @ x.T`` otherwise) gives ``F.linear``'s products
+    for fp32, non-contiguous rows included, and leaves other dtypes to the plain path."""
+    import torch.nn.functional as F
+
+    from vlmlab.inference import fast_decode
+
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(300, 64, generator=g)
+    b = torch.randn(300, generator=g) if bias else None
+    x = torch.randn(rows, 2, 64, generator=g)[:, 1]  # a strided view, as a last-position slice is
+    ref = F.linear(x, w, b)
+    assert fast_decode._ONEDNN is not None  # this build has oneDNN: the bench's path is the one tested
+    torch.testing.assert_close(fast_decode.linear(w, b, x), ref, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(fast_decode, "_ONEDNN", None)
+    torch.testing.assert_close(fast_decode.linear(w, b, x), ref, rtol=1e-5, atol=1e-5)
+    half = fast_decode.linear(w.bfloat16(), None if b is None else b.bfloat16(), x.bfloat16())
+    assert half.dtype == torch.bfloat16 and half.shape == ref.shape

@@ -7,11 +7,12 @@ and a cache ``update``, a few hundred small operations per token that add up to 
 the ``vlmlab bench`` size (docs/bench.md, "Batch-8 decoding"). This module does the same arithmetic with plain
 tensor operations on the decoder's own parameters:
 
-- RMSNorm with transformers' formula; RoPE with cos/sin from the decoder's own ``rotary_emb`` (so every rope
-  scaling type is computed by transformers itself), applied as ``x * cos + swap_halves(x) * sin_signed``, which
-  is ``rotate_half(x) * sin`` bit for bit;
-- every projection as ``W @ h.T`` (``linear_t``), which streams the weights faster than ``nn.Linear`` at a few
-  rows, q/k/v into one buffer so that one RoPE pass covers q and k;
+- RMSNorm with transformers' formula (one fused ``F.rms_norm``); RoPE with cos/sin from the decoder's own
+  ``rotary_emb`` (so every rope scaling type is computed by transformers itself), applied as
+  ``x * cos + swap_halves(x) * sin_signed``, which is ``rotate_half(x) * sin`` bit for bit, on q and k side by
+  side so that one pass covers both;
+- every projection through ``linear``: oneDNN's fp32 matmul where torch has it, which streams the weights
+  at a few rows much faster than the MKL GEMM behind ``nn.Linear`` on CPU;
 - keys and values written into the preallocated cache buffers of ``generate``'s ``PreallocatedLayer`` at the
   step's column (prefill, run by transformers' decoder, filled them) and attention over the filled part with the
   padding mask (left-padded rows exact), grouped-query heads packed as transformers' SDPA path packs them;
@@ -124,29 +125,43 @@ def fast_decoder(language, cache) -> FastDecoder | None:
     return None if unsupported_reason(language, cache) else FastDecoder(language, cache)
 
 
-def rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-    """transformers' Llama RMSNorm, operation for operation (fp32 in, fp32 out)."""
-    variance = x.pow(2).mean(-1, keepdim=True)
-    return norm.weight * (x * torch.rsqrt(variance + norm.variance_epsilon))
+def _onednn_linear():
+    """oneDNN's fp32 linear (``x @ W.T + b``) as torch exposes it (``torch.ops.mkldnn._linear_pointwise``, the op
+    Inductor emits for CPU linears), or None when this build has no oneDNN."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    if op is None:
+        return None
+    try:  # a build may list the op without a working kernel for this CPU
+        x, w = torch.ones(2, 4), torch.ones(3, 4)
+        if not torch.equal(op(x, w, None, "none", [], ""), x @ w.T):
+            return None
+    except (RuntimeError, NotImplementedError):
+        return None
+    return op
 
 
-def linear_t(proj: nn.Linear, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``proj(x).T`` for ``x [B, in]`` (contiguous): ``W @ x.T``, ``[out, B]`` (written to ``out`` if given).
-
-    The same dot products as ``nn.Linear``'s ``x @ W.T``, but with B << out BLAS streams ``W`` faster this way
-    (see ``last_logits`` in generate.py; the bench's decoder matrices at batch 8: ~18 GB/s against ~13 with 2
-    threads, ~10% with 1). The small operand must be the transposed view of a row-major ``[B, in]``: ``W @ X``
-    with ``X`` a contiguous ``[in, B]`` takes another MKL kernel, twice as slow."""
-    if proj.bias is None:
-        return torch.mm(proj.weight, x.T, out=out)
-    return torch.addmm(proj.bias[:, None], proj.weight, x.T, out=out)
+_ONEDNN = _onednn_linear()
 
 
-def rope_t(xt: torch.Tensor, cos_t: torch.Tensor, sin_signed_t: torch.Tensor) -> torch.Tensor:
-    """``x * cos + rotate_half(x) * sin``, transposed: ``xt [heads, hd, B]``, ``cos_t``/``sin_signed_t [hd, B]``."""
-    heads, hd, B = xt.shape
-    swapped = xt.view(heads, 2, hd // 2, B).flip(1).view(heads, hd, B)  # [x2, x1]
-    return swapped.mul_(sin_signed_t).add_(xt * cos_t)
+def linear(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for a few rows ``x [B, in]`` (contiguous): ``[B, out]``, the same dot products.
+
+    Why not ``F.linear``: a decode step multiplies every weight matrix by a handful of rows, and at that shape
+    the BLAS torch calls on CPU (MKL) is far from the machine's speed: ``h @ W.T`` for the ``vlmlab bench``
+    decoder's matrices at 8 rows runs at ~12 GB/s with 2 threads, and at one row MKL takes a GEMM path slower
+    still. oneDNN's fp32 matmul (Inductor's CPU linear) streams the same weights from their place, no copy or
+    repacking, faster at every batch size measured (docs/bench.md, "Batch-8 decoding"). Elsewhere (another
+    device, another dtype, a build without oneDNN) this is ``W @ x.T``, transposed back: on CPU still faster
+    than ``x @ W.T`` at a few rows."""
+    x = x.contiguous()
+    if _ONEDNN is not None and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32:
+        return _ONEDNN(x, weight, bias, "none", [], "")
+    if x.device.type != "cpu":
+        return F.linear(x, weight, bias)
+    out = torch.mm(weight, x.T)
+    return (out if bias is None else out.add_(bias[:, None])).T
 
 
 class FastDecoder:
@@ -154,9 +169,7 @@ class FastDecoder:
     one new token per row, whose keys and values go to cache column ``n - 1`` (``mask`` covers the cached
     columns and the new one).
 
-    The residual stream is ``[B, D]``; each projection's output comes out transposed (``linear_t``), which the
-    elementwise work (RoPE, the MLP's activation) takes as it is. Built per ``generate`` call; the module
-    references it holds are the decoder's own parameters."""
+    Built per ``generate`` call; the module references it holds are the decoder's own parameters."""
 
     def __init__(self, language, cache):
         decoder = language.get_decoder()
@@ -176,44 +189,46 @@ class FastDecoder:
         half = cos.shape[-1] // 2
         # rotate_half(x) * sin == swap_halves(x) * cat(-sin1, sin2): the same products, the sign moved (exact).
         sin_signed = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
-        cos_t, sin_signed_t = cos[:, 0].T.contiguous(), sin_signed[:, 0].T.contiguous()  # [hd, B]
         # [B, 1, 1, n] additive (0 / -inf), broadcast over heads and packed queries: what SDPA would turn a
         # boolean mask into in every layer.
         attn_mask = embeds.new_zeros(mask.shape).masked_fill_(mask == 0, float("-inf"))[:, None, None, :]
-        x = embeds[:, 0]  # [B, D]
+        x = embeds[:, 0].clone()  # [B, D], the residual stream, updated in place
         for layer, cached in zip(self.layers, self.cache_layers):
             attn, mlp = layer.self_attn, layer.mlp
-            h = rms_norm(x, layer.input_layernorm)
-            out = self._attention(attn, h, cached, n, cos_t, sin_signed_t, attn_mask)  # [B, H * hd]
-            x = x + linear_t(attn.o_proj, out).T  # (x + y.T is laid out as x: [B, D] contiguous)
-            h = rms_norm(x, layer.post_attention_layernorm)
-            gate_t, up_t = linear_t(mlp.gate_proj, h), linear_t(mlp.up_proj, h)  # [F, B]
-            # act(gate) * up, written row-major [B, F]: down_proj's input the way linear_t wants it.
-            act = torch.mul(mlp.act_fn(gate_t).T, up_t.T, out=h.new_empty(up_t.shape[::-1]))
-            x = x + linear_t(mlp.down_proj, act).T
-        return rms_norm(x, self.norm)
+            h = _rms_norm(x, layer.input_layernorm)
+            x.add_(self._attention(attn, h, cached, n, cos, sin_signed, attn_mask))
+            h = _rms_norm(x, layer.post_attention_layernorm)
+            act = mlp.act_fn(_linear(mlp.gate_proj, h)).mul_(_linear(mlp.up_proj, h))
+            x.add_(_linear(mlp.down_proj, act))
+        return _rms_norm(x, self.norm)
 
     @staticmethod
-    def _attention(attn, h, cached, n, cos_t, sin_signed_t, attn_mask) -> torch.Tensor:
-        """Attention of the new token over cache columns ``[0, n)``, ``[B, H * hd]`` (o_proj's input); writes the
-        new key and value to column ``n - 1``."""
+    def _attention(attn, h, cached, n, cos, sin_signed, attn_mask) -> torch.Tensor:
+        """``o_proj`` of the new token's attention over cache columns ``[0, n)``, ``[B, D]``; writes the new key
+        and value to column ``n - 1``."""
         B, hd = h.shape[0], attn.head_dim
         H, Hkv = attn.q_proj.out_features // hd, attn.k_proj.out_features // hd
-        # q, k and v computed into one [(H + 2 Hkv) * hd, B] buffer, so that one RoPE pass covers q and k.
-        qkv_t = h.new_empty((H + 2 * Hkv) * hd, B)
-        q_k_v = qkv_t.split([H * hd, Hkv * hd, Hkv * hd])
-        for proj, out in zip((attn.q_proj, attn.k_proj, attn.v_proj), q_k_v):
-            linear_t(proj, h, out=out)
-        qk_t = rope_t(qkv_t[: (H + Hkv) * hd].view(H + Hkv, hd, B), cos_t, sin_signed_t)
-        q_t, k_t, v_t = qk_t[:H], qk_t[H:], q_k_v[2].view(Hkv, hd, B)  # [heads, hd, B]
-        cached.key_buf[:, :, n - 1] = k_t.permute(2, 0, 1)
-        cached.value_buf[:, :, n - 1] = v_t.permute(2, 0, 1)
+        # q and k side by side, [B, H + Hkv, hd], so that one RoPE pass covers both.
+        qk = torch.cat([_linear(attn.q_proj, h), _linear(attn.k_proj, h)], dim=1).view(B, H + Hkv, hd)
+        swapped = qk.view(B, H + Hkv, 2, hd // 2).flip(2).view(B, H + Hkv, hd)  # [x2, x1]
+        qk = swapped.mul_(sin_signed).add_(qk * cos)
+        cached.key_buf[:, :, n - 1] = qk[:, H:]
+        cached.value_buf[:, :, n - 1] = _linear(attn.v_proj, h).view(B, Hkv, hd)
         # The filled part, kept as the layer's keys/values (what a DynamicLayer would hold).
         cached.keys, cached.values = cached.key_buf[:, :, :n], cached.value_buf[:, :, :n]
         # Grouped-query heads: query head h reads kv head h // groups, so [B, H, hd] -> [B, Hkv, groups, hd]
         # runs the groups as that kv head's queries (transformers' pack_gqa for one token).
-        q = q_t.permute(2, 0, 1).reshape(B, Hkv, H // Hkv, hd).contiguous()
+        q = qk[:, :H].reshape(B, Hkv, H // Hkv, hd)
         out = F.scaled_dot_product_attention(
             q, cached.keys, cached.values, attn_mask=attn_mask, scale=attn.scaling
         )
-        return out.view(B, -1)
+        return _linear(attn.o_proj, out.reshape(B, H * hd))
+
+
+def _linear(proj: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return linear(proj.weight, proj.bias, x)
+
+
+def _rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """transformers' Llama RMSNorm (``weight * (x * rsqrt(mean(x^2) + eps))``, fp32) as one fused op."""
+    return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)

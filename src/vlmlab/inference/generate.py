@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
-from vlmlab.inference.fast_decode import fast_decoder
+from vlmlab.inference.fast_decode import fast_decoder, linear
 from vlmlab.models.language import cache_kwargs
 from vlmlab.models.vlm import plain_head, positions_from_mask
 
@@ -92,15 +92,11 @@ def kv_cache(language, max_len: int) -> DynamicCache:
 
 
 def last_logits(language, hidden: torch.Tensor) -> torch.Tensor:
-    """``[B, D]`` last hidden states -> ``[B, V]`` logits.
-
-    ``nn.Linear`` computes ``h @ W.T``; with B << V, ``W @ h.T`` is the same dot products, and BLAS streams the
-    ``[V, D]`` head much faster that way (2-core CPU, B=8, V=32064, D=512: ~24 GB/s against ~12 with 2 threads,
-    ~12 against ~8.5 with 1). Heads with soft-capping or scaling go through the decoder's own forward
-    instead (see ``_decoder_step``)."""
+    """``[B, D]`` last hidden states -> ``[B, V]`` logits, through ``fast_decode.linear``: with B << V, the BLAS
+    behind ``nn.Linear`` streams the ``[V, D]`` head at a fraction of the machine's speed on CPU (docs/bench.md).
+    Heads with soft-capping or scaling go through the decoder's own forward instead (see ``_decoder_step``)."""
     head = language.get_output_embeddings()
-    logits = (head.weight @ hidden.T).T
-    return logits + head.bias if head.bias is not None else logits
+    return linear(head.weight, head.bias, hidden.contiguous())
 
 
 @torch.no_grad()
