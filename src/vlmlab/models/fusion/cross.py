@@ -316,3 +316,120 @@ __all__ = [
     "media",
     "media_mask",
 ]
+
+
+def build_cross_attention(language, c, load_pretrained: bool) -> tuple[nn.ModuleDict, nn.Module | None]:
+    """The blocks of ``c`` (``config.fusion.cross``) hooked into ``language``'s decoder, keyed by layer index,
+    and CogAgent's own high-resolution tower for ``parallel`` (None for ``gated``). Fills in ``c.media_dim`` and
+    the tower's architecture params so that a saved config rebuilds without the pretrained sources."""
+    import dataclasses
+
+    from vlmlab.models.encoders import ENCODERS
+
+    lc = language.config
+    decoder = language.get_decoder()
+    cross_vision = None
+    if c.kind == "parallel":
+        if c.vision is None:
+            raise ConfigError("fusion.cross.vision: parallel (CogAgent) cross-attention needs its own tower")
+        vc = c.vision if load_pretrained else dataclasses.replace(c.vision, pretrained=None)
+        cross_vision = ENCODERS[c.vision.name](vc)
+        if hasattr(cross_vision, "architecture_params"):
+            c.vision.params = cross_vision.architecture_params()
+        c.media_dim = cross_vision.hidden_size
+    heads = c.heads or lc.num_attention_heads
+    ff_hidden = c.ff_hidden or (lc.intermediate_size if c.ff == "swiglu" else 4 * lc.hidden_size)
+    settings = BlockSettings(
+        kind=c.kind,
+        heads=heads,
+        head_dim=c.head_dim or lc.hidden_size // heads,
+        kv_heads=c.kv_heads,
+        norm=c.norm,
+        ff=c.ff if c.kind == "gated" else None,
+        ff_hidden=ff_hidden,
+        qk_norm=c.qk_norm,
+        gate=c.gate,
+        empty_rows=c.empty_rows,
+        eps=getattr(lc, "rms_norm_eps", 1e-6),
+    )
+    layers = c.layers if c.layers is not None else cross_layers(len(decoder.layers), c.every, c.placement)
+    blocks = {i: CrossAttentionBlock(lc.hidden_size, c.media_dim or lc.hidden_size, settings) for i in layers}
+    apply_cross_attention(decoder, blocks)
+    return nn.ModuleDict({str(i): b for i, b in blocks.items()}), cross_vision
+
+
+def cross_media(
+    model, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, **extra
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """What the cross-attention blocks read: features ``[B, U, M, D_media]`` (each sample's images in order,
+    zero-padded), which of them each token sees, ``[B, T, U]``, and which feature rows are real, ``[B, U, M]``
+    bool (None: all are); ``(None, None, None)`` without images.
+
+    ``gated``: the connector's output of ``pixel_values``; each ``<image>`` token is one image and a token sees
+    the most recent one (``fusion.cross.media_mask``). A tower with ``real_rows(**its extra inputs) ->
+    [N_img, N_vis]`` bool reports which of its output rows are real (Mllama: not those of padding tiles); its
+    connector must keep rows one-to-one. ``parallel``: the cross tower's features of ``cross_pixel_values``;
+    each run of image placeholders is one image and every token sees all of its sample's images.
+
+    Pixels with 6 dims are transformers' per-sample layout ``[B, N_img, ...]`` (Mllama:
+    ``[B, N_img, N_tiles, 3, H, W]``): each sample's images keep their ``N_img`` slots, padding images
+    included (encoded, as transformers does: no token sees them, but with ``empty_rows="zero_ff"`` a token that
+    sees no image attends to every row)."""
+    from vlmlab.models.vlm import _inputs_of, drop_padding_views
+
+    c = model.config.fusion.cross
+    is_img = input_ids == model.config.image_token_id
+    if model.gated:
+        pixels, name = pixel_values, "pixel_values"
+        counts = is_img.sum(1)
+    else:
+        pixels, name = extra.get("cross_pixel_values"), "cross_pixel_values"
+        counts = (is_img & ~nn.functional.pad(is_img[:, :-1], (1, 0), value=False)).sum(1)  # runs
+    if pixels is None:
+        if model.gated and is_img.any():
+            raise SampleError(f"{int(is_img.sum())} image tokens in the input but no pixel_values")
+        return None, None, None
+    valid = None
+    if model.gated:
+        if pixels.dim() == 5:
+            pixels, extra = drop_padding_views(pixels, extra)
+        feats = model.encode_images(pixels.to(model.dtype_of_vision()), **extra)  # [N_img, M, D]
+        if hasattr(model.vision, "real_rows"):
+            valid = model.vision.real_rows(**_inputs_of(model.vision, extra))  # [N_img, M]
+            if valid.shape != feats.shape[:2]:
+                raise ConfigError(
+                    f"the tower's real rows {list(valid.shape)} do not match the connector's output "
+                    f"{list(feats.shape[:2])} (real rows need a connector that keeps rows one-to-one)"
+                )
+        mask = media_mask(
+            input_ids,
+            model.config.image_token_id,
+            c.group_consecutive,
+            c.reset_token_id if c.reset_token_id >= 0 else None,
+        )
+    else:
+        feats = model.cross_vision(pixels.to(next(model.cross_vision.parameters()).dtype))
+        units = torch.arange(max(int(counts.max()), 1), device=input_ids.device)
+        mask = (units < counts[:, None])[:, None, :].expand(-1, input_ids.shape[1], -1)
+    if pixels.dim() == 6:  # per-sample slots
+        b, slots = pixels.shape[:2]
+        if b != len(counts) or int(counts.max()) > slots:
+            raise SampleError(
+                f"{name} {list(pixels.shape[:2])} has no slot for every image of the text "
+                f"({counts.tolist()} images per sample)"
+            )
+        mask = nn.functional.pad(mask, (0, slots - mask.shape[2]))
+        valid = None if valid is None else valid.unflatten(0, (b, slots))
+        return feats.unflatten(0, (b, slots)), mask, valid
+    if int(counts.sum()) != feats.shape[0]:
+        raise SampleError(f"{int(counts.sum())} images in the text but {feats.shape[0]} images in {name}")
+    valid = None if valid is None else _by_sample(valid, counts, mask.shape[2])
+    return _by_sample(feats, counts, mask.shape[2]), mask, valid
+
+
+def _by_sample(x: torch.Tensor, counts: torch.Tensor, n: int) -> torch.Tensor:
+    """``[N_img, ...]`` (every sample's images in order) -> ``[B, n, ...]``, each sample's zero-padded to ``n``."""
+    out = x.new_zeros(len(counts), n, *x.shape[1:])
+    for b, rows in enumerate(x.split(counts.tolist())):
+        out[b, : len(rows)] = rows
+    return out
