@@ -86,8 +86,31 @@ def load(path: str | os.PathLike) -> tuple[VisionLanguageModel, Processor]:
         from vlmlab.processing.processor import load_qformer_tokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(path))
+        placeholder_in_vocabulary(model, tokenizer)
         processor = Processor(
             tokenizer, model.config.processor, model.num_image_tokens, load_qformer_tokenizer(path)
         )
         return model, processor
     return VisionLanguageModel.from_pretrained(path), Processor.from_pretrained(path)
+
+
+def placeholder_in_vocabulary(model: VisionLanguageModel, tokenizer) -> None:
+    """The original LLaVA repository marks each image with id -200, outside any vocabulary, and its tokenizer has
+    no ``<image>``: its prompts are split on the text and the id spliced in. vlmlab's processor (and transformers'
+    ``LlavaProcessor``) need the placeholder as a token, so it is added to ``tokenizer`` (if missing) and becomes
+    the model's id, and the decoder grows to embed it: new rows at the mean of the old ones, as transformers'
+    conversion script (``convert_llava_weights_to_hf.py``) does. The logits of every other token are unchanged,
+    and the new token's is their mean, never the largest: greedy decoding is unchanged too."""
+    if model.config.image_token_id >= 0:
+        return
+    from tokenizers import AddedToken
+
+    token = model.config.processor.image_token
+    tid = tokenizer.convert_tokens_to_ids(token)
+    if tid is None or tid == tokenizer.unk_token_id:
+        tokenizer.add_tokens([AddedToken(token, special=True, normalized=False)], special_tokens=True)
+        tid = tokenizer.convert_tokens_to_ids(token)
+    model.config.image_token_id = tid
+    vocab = model.language.get_input_embeddings().num_embeddings
+    if tid >= vocab:
+        model.resize_vocab(max(len(tokenizer), tid + 1))

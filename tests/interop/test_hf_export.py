@@ -4,6 +4,7 @@ processor's files. Loaded back with ``AutoProcessor`` and transformers' own mode
 ``input_ids`` and ``pixel_values`` and its logits; ``vlmlab.load`` of the export gives back the same processor."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -140,3 +141,85 @@ def test_export_command_converts_a_transformers_directory_and_back(tok, tmp_path
     assert main(["export", str(src), str(tmp_path / "notes")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("vlmlab: error:") and "refusing to overwrite" in err and "\n" not in err
+
+
+def tokenizer_without_image_token():
+    """A BPE tokenizer like the tests' own, without ``<image>``: the original LLaVA repository's situation."""
+    from tests.conftest import TEXTS
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from vlmlab.processing.tokenizer import CHAT_TEMPLATES, EOS, PAD, SPECIAL_TOKENS
+
+    specials = [t for t in SPECIAL_TOKENS if t != "<image>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(TEXTS, trainer)
+    out = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, pad_token=PAD, eos_token=EOS, additional_special_tokens=specials[2:]
+    )
+    out.chat_template = CHAT_TEMPLATES["tiny"]
+    return out
+
+
+def test_an_original_llava_checkpoint_converts_to_a_transformers_directory(tmp_path):
+    """The original repository's layout (images as id -200, no ``<image>`` in its tokenizer) loads with its
+    processor working, and ``vlmlab export`` writes what transformers' conversion script would: ``<image>``
+    appended to the tokenizer, the vocabulary grown by its row (at the mean), logits of every other token
+    unchanged; transformers' processor and model loaded from the export then reproduce vlmlab's inputs and logits."""
+    from tests.interop.test_original_llava import ORIGINAL, write_original_layout
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    from vlmlab.cli import main
+
+    plain = tokenizer_without_image_token()
+    assert plain.convert_tokens_to_ids("<image>") in (None, plain.unk_token_id)
+    v0 = len(plain)
+    torch.manual_seed(0)
+    tower = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_attention_heads=4)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    # transformers' conversion of the checkpoint: <image> appended at id v0.
+    hf = LlavaForConditionalGeneration(
+        LlavaConfig(
+            vision_config=CLIPVisionConfig(num_hidden_layers=3, **tower),
+            text_config=LlamaConfig(vocab_size=v0 + 1, pad_token_id=plain.pad_token_id, **text),
+            image_token_index=v0,
+            image_seq_length=16,
+        )
+    ).eval()
+    path = write_original_layout(hf, tmp_path)  # then the original's own vocabulary: without that row
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(path / "model.safetensors"))
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        state[key] = state[key][:v0].clone()
+    save_file(state, str(path / "model.safetensors"))
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["vocab_size"] = v0
+    (path / "config.json").write_text(json.dumps(cfg))
+    plain.save_pretrained(path)
+
+    assert vlmlab.from_pretrained(path).config.image_token_id == ORIGINAL
+    model, processor = vlmlab.load(path)
+    model.eval()
+    assert model.config.image_token_id == v0 == processor.image_token_id
+    assert model.language.get_input_embeddings().num_embeddings == v0 + 1
+    convs = conversations([2, 1])
+    ims = images()[:3]
+    batch = processor(convs, [ims[:2], ims[2:]])
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        ours, ref = model(**inputs).logits, hf(**inputs).logits
+    mask = inputs["attention_mask"].bool()
+    torch.testing.assert_close(ours[mask][:, :v0], ref[mask][:, :v0], atol=1e-4, rtol=1e-4)
+    # The new row is the mean of the old: the placeholder's logit is their mean, never the greedy choice.
+    torch.testing.assert_close(ours[mask][:, v0], ours[mask][:, :v0].mean(-1), atol=1e-4, rtol=1e-4)
+
+    assert main(["export", str(path), str(tmp_path / "hf")]) == 0
+    exported = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert exported["image_token_index"] == v0 and exported["text_config"]["vocab_size"] == v0 + 1
+    exported_matches(model, processor, tmp_path / "hf", LlavaForConditionalGeneration, [2, 1])
