@@ -27,3 +27,19 @@ def test_hires_comparisons_run_and_write_results(tmp_path):
     score = cv["score"]
     assert score["overall"] == (score["2D"] + score["3D"]) / 2
     assert set(score["sources"]) == {"world2d-a", "world2d-b", "world3d"}
+
+
+def test_cvbench_on_a_subset_of_tasks_and_a_bad_task_name(tmp_path, capsys):
+    import pytest
+
+    out = tmp_path / "h"
+    args = ["--out", str(out), "--steps", "2", "--align-steps", "1", "--n-train", "4", "--n-test", "4"]
+    args += ["--n-captions", "4", "--experiments", "cvbench", "--cvbench-presets", "llava-1.5-tiny"]
+    assert hires.main([*args, "--cvbench-tasks", "cv-count"]) == 0
+    (cv,) = json.loads((out / "results.json").read_text())["results"]
+    assert cv["trained_on"] == ["cv-count"] and (out / "cvbench" / "llava-1.5-tiny-cv-count").is_dir()
+    assert set(cv["score"]["tasks"]) == {"Count", "Relation", "Depth", "Distance"}  # scored on the whole file
+    assert "| llava-1.5-tiny | cv-count |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        hires.main([*args, "--cvbench-tasks", "cv-colour"])
+    assert "--cvbench-tasks: ['cv-colour']" in capsys.readouterr().err
