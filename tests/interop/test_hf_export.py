@@ -125,6 +125,11 @@ def test_save_is_atomic_and_refuses_what_is_not_a_model_directory(tok, tmp_path)
         vlmlab.save(model, processor, other)
     with pytest.raises(ConfigError, match="format 'onnx'"):
         vlmlab.save(model, processor, tmp_path / "x", format="onnx")
+    # A composition transformers has no class for is named before anything is written.
+    tiny, tiny_proc = vlmlab.build("tiny")
+    with pytest.raises(ConfigError, match="needs a clip or siglip tower .* not 'convnet'"):
+        vlmlab.save(tiny, tiny_proc, tmp_path / "tiny-hf", format="hf")
+    assert not any(p.name.startswith("tiny-hf") for p in tmp_path.iterdir())
 
 
 def test_export_command_converts_a_transformers_directory_and_back(tok, tmp_path, capsys):  # noqa: F811

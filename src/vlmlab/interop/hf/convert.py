@@ -88,6 +88,7 @@ def import_hf(path: str | os.PathLike, formats) -> object:
 def export_hf(model, path: str | os.PathLike, formats, model_type: str) -> None:
     """Write ``config.json`` + ``model.safetensors`` that transformers loads with its own class."""
     fmt = formats[model_type]
+    config = fmt.export_config(model)  # first: it names what the format cannot hold, before any tensor
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     inverse = [(dst, src) for src, dst in fmt.KEY_MAP]
@@ -106,7 +107,7 @@ def export_hf(model, path: str | os.PathLike, formats, model_type: str) -> None:
     if hasattr(fmt, "export_tensors"):  # the inverse of import_tensors, on transformers' names
         state = fmt.export_tensors(state, model)
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
-    (path / CONFIG).write_text(json.dumps(fmt.export_config(model), indent=2))
+    (path / CONFIG).write_text(json.dumps(config, indent=2))
 
 
 def export_hf_processor(model, processor, path: str | os.PathLike, formats, model_type: str) -> bool:
