@@ -111,6 +111,5 @@ def placeholder_in_vocabulary(model: VisionLanguageModel, tokenizer) -> None:
         tokenizer.add_tokens([AddedToken(token, special=True, normalized=False)], special_tokens=True)
         tid = tokenizer.convert_tokens_to_ids(token)
     model.config.image_token_id = tid
-    vocab = model.language.get_input_embeddings().num_embeddings
-    if tid >= vocab:
-        model.resize_vocab(max(len(tokenizer), tid + 1))
+    if tid >= model.language.get_input_embeddings().num_embeddings:
+        model.resize_vocab(len(tokenizer))  # tid < len(tokenizer)

@@ -19,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -48,35 +50,51 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def write_directory(path: str | os.PathLike[str], write, replaceable=lambda p: True) -> Path:
-    """``write(tmp)`` fills a fresh ``<path>.tmp-<pid>`` beside ``path``; its files are fsynced, then it replaces
-    ``path`` (moved aside first, then deleted: POSIX cannot rename onto a non-empty directory). An existing
-    ``path`` for which ``replaceable(path)`` is false is refused before anything is written."""
-    import shutil
-
+def write_directory(
+    path: str | os.PathLike[str],
+    write: Callable[[Path], None],
+    replaceable: Callable[[Path], bool] = lambda p: True,
+    what: str = "a model directory",
+    synced: bool = False,
+) -> Path:
+    """Write a directory atomically: ``write(tmp)`` fills a fresh ``<path>.tmp-<pid>`` beside ``path``, its files
+    are fsynced (unless ``synced``: ``write`` did it), then it replaces ``path``, which is moved aside to
+    ``<path>.old-<pid>`` first (POSIX cannot rename onto a non-empty directory), put back if the rename fails, and
+    deleted after. An existing ``path`` that is not ``replaceable`` (``what`` names what it should be) is refused
+    before anything is written. Training checkpoints (``training/checkpoint.py``) and exported models use it."""
     path = Path(path)
     if path.exists() and (not path.is_dir() or not replaceable(path)):
-        raise CheckpointError(f"{path}: refusing to overwrite: it exists and is not a model directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f"{path.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"{path}: refusing to overwrite: it exists and is not {what}")
+    parent = path.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    pid = os.getpid()
+    tmp = parent / f"{path.name}.tmp-{pid}"
+    shutil.rmtree(tmp, ignore_errors=True)  # our own leftover from an earlier failed write in this process
     tmp.mkdir()
     try:
         write(tmp)
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        fsync_dir(tmp)
+        if not synced:
+            for f in tmp.rglob("*"):
+                if f.is_file():
+                    with open(f, "rb") as fh:
+                        os.fsync(fh.fileno())
+            fsync_dir(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = path.parent / f"{path.name}.old-{os.getpid()}" if path.exists() else None
-    if old is not None:
+    old: Path | None = None
+    if path.exists():
+        old = parent / f"{path.name}.old-{pid}"
         shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        if old is not None and not path.exists():
+            os.replace(old, path)  # roll back so the previous directory stays under its name
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return path

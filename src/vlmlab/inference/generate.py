@@ -96,7 +96,7 @@ def last_logits(language, hidden: torch.Tensor) -> torch.Tensor:
     behind ``nn.Linear`` streams the ``[V, D]`` head at a fraction of the machine's speed on CPU (docs/bench.md).
     Heads with soft-capping or scaling go through the decoder's own forward instead (see ``_decoder_step``)."""
     head = language.get_output_embeddings()
-    return linear(head.weight, head.bias, hidden.contiguous())
+    return linear(head.weight, head.bias, hidden)
 
 
 @torch.no_grad()

@@ -40,7 +40,7 @@ import safetensors.torch
 import torch
 
 from vlmlab.errors import CheckpointError
-from vlmlab.io import fsync_dir
+from vlmlab.io import fsync_dir, write_directory
 
 __all__ = [
     "MANIFEST_NAME",
@@ -89,17 +89,8 @@ def save_checkpoint(
     parent = path.parent
     parent.mkdir(parents=True, exist_ok=True)
     _cleanup_leftovers(parent)  # first: it may move a rolled-back checkpoint back to ``path``
-    if path.exists() and not _is_replaceable(path):
-        raise CheckpointError(
-            f"{path}: refusing to overwrite: it exists and is not a vlmlab checkpoint (no {MANIFEST_NAME})"
-        )
 
-    pid = os.getpid()
-    tmp = parent / f"{path.name}.tmp-{pid}"
-    if tmp.exists():  # our own leftover from an earlier failed save in this process
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    def write(tmp: Path) -> None:
         for name, group in tensors.items():
             if not _GROUP_NAME_RE.match(name) or name.endswith(".json"):
                 raise ValueError(f"tensor group name {name!r} must be a plain file stem ([A-Za-z0-9_.-])")
@@ -116,27 +107,9 @@ def save_checkpoint(
         manifest = {"format_version": MANIFEST_VERSION, "files": files, "complete": True}
         _write_fsynced(tmp / MANIFEST_NAME, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
         fsync_dir(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
-    old: Path | None = None
-    if path.exists():
-        old = parent / f"{path.name}.old-{pid}"
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(path, old)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        if old is not None and not path.exists():
-            os.replace(old, path)  # roll back so the previous checkpoint stays under its name
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    fsync_dir(parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return path
+    what = f"a vlmlab checkpoint (no {MANIFEST_NAME})"
+    return write_directory(path, write, replaceable=_is_replaceable, what=what, synced=True)
 
 
 def _is_replaceable(path: Path) -> bool:
